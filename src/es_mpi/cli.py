@@ -1,0 +1,127 @@
+"""es-mpi train | resume | replay | inspect | init-model
+
+Exit codes: 0 success, 1 a failure at run time (the whole MPI job is aborted),
+2 bad input (nothing started, nothing overwritten), 3 replay found a checksum mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="es-mpi", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="start a new run")
+    t.add_argument("--config", type=Path, help="YAML config (defaults apply to what it omits)")
+    t.add_argument("--run-dir", type=Path, required=True, help="directory of the run (created)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set es.sigma=0.002 (repeatable)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+    t.add_argument("--help-config", action="store_true", help="list every config field and exit")
+
+    r = sub.add_parser("resume", help="continue a run from its log (iteration counter continues)")
+    r.add_argument("--run-dir", type=Path, required=True)
+    r.add_argument("--iterations", type=int, help="total iterations the run should reach")
+
+    rp = sub.add_parser("replay", help="rebuild weights from base model + log, check checksums")
+    rp.add_argument("--run-dir", type=Path, required=True)
+    rp.add_argument("--out", type=Path, required=True, help="HF directory to write")
+
+    i = sub.add_parser("inspect", help="summary of a run")
+    i.add_argument("--run-dir", type=Path, required=True)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    m = sub.add_parser("init-model", help="build the tiny random Llama + char tokenizer")
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--hidden", type=int, default=128)
+    m.add_argument("--layers", type=int, default=4)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _help_config() -> None:
+    from .config import describe_fields
+
+    for name, default, doc in describe_fields():
+        print(f"{name} = {default!r}\n    {doc}")
+
+
+def _run(args: argparse.Namespace, comm) -> None:
+    from . import session
+    from .config import load_config
+
+    if args.command == "train":
+        cfg = load_config(args.config, args.set)
+        session.start_run(cfg, args.run_dir, args.overwrite, comm)
+    elif args.command == "resume":
+        session.resume_run(args.run_dir, args.iterations, comm)
+    elif args.command == "replay":
+        session.replay_run(args.run_dir, args.out, comm)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .session import run_summary
+
+    summary = run_summary(args.run_dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train" and args.help_config:
+        _help_config()
+        return 0
+    from .config import ConfigError
+    from .runlog import RunLogError
+
+    if args.command == "init-model":
+        from .tiny_model import build_tiny_llama
+
+        out = build_tiny_llama(args.out, args.hidden, args.layers, args.heads, args.seed)
+        print(f"tiny model written to {out}")
+        return 0
+    if args.command == "inspect":
+        try:
+            _inspect(args)
+        except RunLogError as exc:
+            print(f"es-mpi: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+
+    from .comm import Comm
+    from .session import ReplayMismatch
+
+    comm = Comm.world()
+    try:
+        _run(args, comm)
+    except ConfigError as exc:  # raised on every rank alike, before collective work
+        if comm.is_main:
+            print(f"es-mpi: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ReplayMismatch as exc:  # every rank replays the same log
+        if comm.is_main:
+            print(f"es-mpi: error: {exc}", file=sys.stderr)
+        return EXIT_MISMATCH
+    except BaseException as exc:  # noqa: BLE001 - one failure stops all (invariant 6)
+        print(f"[es-mpi] rank {comm.rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        comm.abort(EXIT_FAILURE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""One config tree for a run: YAML file + ``--set key=value`` overrides, validated on creation.
+
+Every field has a docstring (shown by ``es-mpi train --help-config``). The whole tree is saved
+into the run log, so a run can be resumed and replayed from its log alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the offending field. The CLI exits with code 2."""
+
+
+SHAPINGS = ("zscore", "centered_rank")
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "models/tiny-random"
+    """Local directory of a Hugging Face causal LM (config.json, *.safetensors, tokenizer).
+    Relative paths are resolved against the working directory. Nothing is downloaded."""
+    eval_dtype: str = "float32"
+    """dtype of the evaluation copy that perturbed weights are materialised into
+    (float32, bfloat16, float16). Master weights are always float32."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "model.path", "must not be empty")
+        _require(self.eval_dtype in EVAL_DTYPES, "model.eval_dtype", f"one of {EVAL_DTYPES}")
+
+
+@dataclass
+class ESConfig:
+    population: int = 30
+    """Members per iteration (N). Any N works with any number of ranks."""
+    sigma: float = 1e-3
+    """Noise scale: member n is evaluated at theta + sigma * eps_n."""
+    alpha: float = 5e-4
+    """Learning rate with 1/sigma folded in: theta += alpha/N * sum_n shaped_n * eps_n."""
+    iterations: int = 100
+    """Total number of iterations of the run (resume continues up to this number)."""
+    shaping: str = "zscore"
+    """Fitness shaping of the N rewards: zscore (Qiu et al.) or centered_rank (Salimans et al.)."""
+    antithetic: bool = False
+    """Mirrored pairs: members 2k and 2k+1 share a seed with noise +eps and -eps."""
+
+    def __post_init__(self) -> None:
+        _require(self.population >= 1, "es.population", "must be >= 1")
+        _require(self.sigma > 0, "es.sigma", "must be > 0")
+        _require(self.alpha >= 0, "es.alpha", "must be >= 0")
+        _require(self.iterations >= 0, "es.iterations", "must be >= 0")
+        _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
+        _require(
+            not self.antithetic or self.population % 2 == 0,
+            "es.population",
+            "must be even when es.antithetic is true",
+        )
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Reward task: a built-in name (arithmetic) or 'package.module:ClassName'."""
+    prompts_per_member: int = 32
+    """Prompts in the batch every member is scored on (drawn per iteration, same for all)."""
+    max_new_tokens: int = 8
+    """Greedy decoding length limit per completion."""
+    digits: int = 2
+    """arithmetic: number of digits of each operand."""
+    train_size: int = 2000
+    """Problems in the training split."""
+    test_size: int = 500
+    """Problems in the held-out split."""
+    data_seed: int = 1234
+    """Seed of the generated problems (independent of the run seed)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "task.name", "must not be empty")
+        _require(self.prompts_per_member >= 1, "task.prompts_per_member", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
+        _require(1 <= self.digits <= 9, "task.digits", "must be in 1..9")
+        _require(
+            self.train_size >= self.prompts_per_member,
+            "task.train_size",
+            "must be >= task.prompts_per_member",
+        )
+        _require(self.test_size >= 0, "task.test_size", "must be >= 0")
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 1
+    """CPU threads per rank. Part of the result: CPU matrix products differ in the last bits
+    with the thread count, so it is never derived from the rank count (DESIGN.md, invariant 1)."""
+    device: str = "auto"
+    """auto (cuda:(local_rank % n_gpus) when CUDA is present, else cpu), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        _require(self.threads >= 1, "runtime.threads", "must be >= 1")
+        _require(self.device in DEVICES, "runtime.device", f"one of {DEVICES}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10
+    """Write master weights every this many iterations (0: only the final model)."""
+    keep: int = 3
+    """Number of newest periodic checkpoints kept on disk."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Run seed: member seeds and prompt batches of iteration t derive from (seed, t)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    es: ESConfig = field(default_factory=ESConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value: Any, expected: Any, name: str) -> Any:
+    """Check one leaf value against its annotated type (int, float, str, bool)."""
+    got = type(value).__name__
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a programming error in this module
+        raise TypeError(f"unsupported annotation {expected!r} for {name}")
+    if not ok:
+        raise ConfigError(f"config field '{name}': expected {expected.__name__}, got {got} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field '{prefix.rstrip('.') or '<root>'}': expected a mapping")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{name}'")
+        expected = types_[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = _build(expected, value, f"{name}.")
+        else:
+            kwargs[key] = _convert(value, expected, name)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'es.sigma=0.01' -> (['es', 'sigma'], 0.01); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config field '{key}': cannot parse value {raw!r}") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"unknown config key '{'.'.join(path)}'")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, then validation. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted name, default, docstring) of every leaf field, for --help-config."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
+    rows = []
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
+    return rows

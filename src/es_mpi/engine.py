@@ -1,0 +1,64 @@
+"""Start-up of one rank: threads, device, model, tokenizer, master weights."""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .comm import Comm
+from .config import Config
+from .modelio import load_model, load_tokenizer
+from .perturb import MasterWeights
+
+
+def set_threads(threads: int) -> None:
+    """Fix the CPU thread count: it is part of a run's result (DESIGN.md, invariant 1)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already set in this process (tests run several engines)
+        pass
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """One device per rank: cuda:(local_rank % n_gpus) when CUDA is there, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but CUDA is not available on this node")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Engine:
+    """What every rank holds: its model replica (the evaluation copy) and the master weights."""
+
+    cfg: Config
+    comm: Comm
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    weights: MasterWeights
+    rss_before_model: int
+
+    @classmethod
+    def load(cls, cfg: Config, comm: Comm, model_path: str | Path | None = None) -> Engine:
+        set_threads(cfg.runtime.threads)
+        device = pick_device(cfg.runtime.device, comm.local_rank)
+        rss_before = current_rss_bytes()
+        path = model_path or cfg.model.path
+        model = load_model(path, cfg.model.eval_dtype, device)
+        tokenizer = load_tokenizer(path)
+        return cls(cfg, comm, device, model, tokenizer, MasterWeights(model), rss_before)

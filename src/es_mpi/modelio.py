@@ -1,0 +1,68 @@
+"""Loading and saving Hugging Face models from local directories only (no hub)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from .config import ConfigError  # noqa: E402
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"config field 'model.path': '{path}' is not a directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"config field 'model.path': '{path}' has no config.json")
+    if not sorted(path.glob("*.safetensors")):
+        raise ConfigError(f"config field 'model.path': '{path}' has no *.safetensors weights")
+    return path
+
+
+def model_sha256(path: str | Path) -> str:
+    """Identity of a base model: sha256 over its *.safetensors files in name order."""
+    h = hashlib.sha256()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_model(path: str | Path, dtype: str, device: torch.device):
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_hf_dir(model, tokenizer, master: dict[str, torch.Tensor], out: Path) -> None:
+    """Write `master` as an fp32 HF directory (config.json, model.safetensors, tokenizer)."""
+    eval_dtype = model.config.dtype
+    model.config.dtype = torch.float32  # the saved weights are the fp32 master
+    try:
+        state = {name: t.detach().to("cpu").contiguous() for name, t in master.items()}
+        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    finally:
+        model.config.dtype = eval_dtype
+    tokenizer.save_pretrained(str(out))

@@ -1,0 +1,165 @@
+"""The HDF5 run log: config, base model identity and, per iteration, seeds and rewards.
+
+Rank 0 alone writes it. Each append reopens the file, grows every dataset by one row, sets
+the commit counter `iterations_done` last, flushes and closes: the file is closed between
+iterations, so a SIGKILL leaves a readable log at most one iteration short (invariant 5).
+Rows past `iterations_done` (a torn append) are ignored by readers and cut on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "es-mpi-runlog-1"
+LOG_NAME = "run.h5"
+
+# Per-iteration scalar columns: name -> dtype.
+SCALARS = {
+    "iteration": "i8",
+    "reward_mean": "f8",
+    "reward_max": "f8",
+    "reward_min": "f8",
+    "time_evaluate": "f8",
+    "time_perturb": "f8",
+    "time_communicate": "f8",
+    "time_update": "f8",
+    "time_iteration": "f8",
+    "wall_clock": "f8",
+}
+# Per-iteration, per-member columns.
+MEMBER_COLUMNS = {"member_seeds": "i8", "member_signs": "i1", "rewards": "f8", "shaped": "f8"}
+
+
+class RunLogError(RuntimeError):
+    """The run log is missing, unreadable or inconsistent with what is asked of it."""
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    member_seeds: np.ndarray
+    member_signs: np.ndarray
+    rewards: np.ndarray
+    shaped: np.ndarray
+    checksum: str
+    times: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LogData:
+    """Everything a reader needs, truncated to the committed iterations."""
+
+    attrs: dict
+    columns: dict[str, np.ndarray]
+    checksums: list[str]
+
+    @property
+    def iterations_done(self) -> int:
+        return len(self.checksums)
+
+
+def _attr_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RunLog:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, config_yaml: str, model_path: str, model_sha256: str,
+               population: int, extra_attrs: dict | None = None) -> RunLog:
+        log = cls(path)
+        with h5py.File(log.path, "w") as f:
+            f.attrs.update({
+                "format": FORMAT,
+                "config_yaml": config_yaml,
+                "model_path": model_path,
+                "model_sha256": model_sha256,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "iterations_done": 0,
+                "sessions": json.dumps([]),
+                **(extra_attrs or {}),
+            })
+            for name, dtype in SCALARS.items():
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            for name, dtype in MEMBER_COLUMNS.items():
+                f.create_dataset(name, shape=(0, population), maxshape=(None, population),
+                                 dtype=dtype, chunks=(16, population))
+            f.create_dataset("checksum", shape=(0,), maxshape=(None,), dtype="S64", chunks=(256,))
+        return log
+
+    def _open(self, mode: str) -> h5py.File:
+        try:
+            return h5py.File(self.path, mode, locking=False)
+        except (OSError, KeyError) as exc:
+            raise RunLogError(f"cannot open run log '{self.path}': {exc}") from exc
+
+    def read(self) -> LogData:
+        if not self.path.is_file():
+            raise RunLogError(f"no run log at '{self.path}'")
+        with self._open("r") as f:
+            try:
+                if _attr_str(f.attrs.get("format", "")) != FORMAT:
+                    raise RunLogError(f"'{self.path}' is not an es-mpi run log")
+                done = int(f.attrs["iterations_done"])
+                attrs = {k: (_attr_str(v) if isinstance(v, bytes | str) else v)
+                         for k, v in f.attrs.items()}
+                columns = {name: f[name][:done] for name in (*SCALARS, *MEMBER_COLUMNS)}
+                checksums = [c.decode() for c in f["checksum"][:done]]
+            except (KeyError, OSError, ValueError) as exc:
+                raise RunLogError(f"run log '{self.path}' is damaged: {exc}") from exc
+        if any(len(col) != done for col in columns.values()) or len(checksums) != done:
+            raise RunLogError(f"run log '{self.path}' is truncated below iterations_done={done}")
+        return LogData(attrs, columns, checksums)
+
+    def append(self, record: IterationRecord) -> None:
+        with self._open("a") as f:
+            n = int(f.attrs["iterations_done"])
+            if record.iteration != n:
+                raise RunLogError(f"appending iteration {record.iteration} to a log of {n}")
+            row = {
+                "iteration": record.iteration,
+                "reward_mean": float(np.mean(record.rewards)),
+                "reward_max": float(np.max(record.rewards)),
+                "reward_min": float(np.min(record.rewards)),
+                "member_seeds": record.member_seeds,
+                "member_signs": record.member_signs,
+                "rewards": record.rewards,
+                "shaped": record.shaped,
+                "checksum": record.checksum.encode(),
+                **{f"time_{k}": v for k, v in record.times.items()},
+            }
+            for name in (*SCALARS, *MEMBER_COLUMNS, "checksum"):
+                ds = f[name]
+                ds.resize(n + 1, axis=0)
+                ds[n] = row.get(name, np.nan)
+            f.flush()
+            f.attrs["iterations_done"] = n + 1  # the commit point of this row
+            f.flush()
+
+    def truncate_to_committed(self) -> int:
+        """Cut rows of a torn append; returns the number of committed iterations."""
+        with self._open("a") as f:
+            n = int(f.attrs["iterations_done"])
+            for name in (*SCALARS, *MEMBER_COLUMNS, "checksum"):
+                if f[name].shape[0] != n:
+                    f[name].resize(n, axis=0)
+            return n
+
+    def add_session(self, info: dict) -> None:
+        """Record a train/resume session (start iteration, world size, time) in the log."""
+        with self._open("a") as f:
+            sessions = json.loads(_attr_str(f.attrs.get("sessions", "[]")))
+            sessions.append(info)
+            f.attrs["sessions"] = json.dumps(sessions)
+
+    def set_attrs(self, **attrs) -> None:
+        with self._open("a") as f:
+            f.attrs.update(attrs)

@@ -1,0 +1,178 @@
+"""What the CLI commands do: start, resume and replay a run, and summarise its log.
+
+Input is checked on rank 0 and the verdict broadcast before any collective work, so bad
+input ends every rank with the same one-line error and nothing overwritten (invariant 6).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .checkpoint import list_checkpoints, load_checkpoint, replace_dir
+from .comm import Comm
+from .config import Config, ConfigError, config_from_dict
+from .engine import Engine
+from .modelio import check_model_dir, model_sha256, save_hf_dir
+from .perturb import MasterWeights, weights_checksum
+from .runlog import LOG_NAME, LogData, RunLog, RunLogError
+from .strategy import Population
+from .tasks import make_task
+from .trainer import Trainer, apply_es_update
+
+
+class ReplayMismatch(RuntimeError):
+    """Weights rebuilt from the log differ from a logged checksum."""
+
+
+def checked_on_main(comm: Comm, check: Callable[[], Any]) -> Any:
+    """Run `check` on rank 0 and share its result, or its ConfigError, with every rank."""
+    outcome: tuple[str | None, Any] = (None, None)
+    if comm.is_main:
+        try:
+            outcome = (None, check())
+        except (ConfigError, RunLogError) as exc:
+            outcome = (str(exc), None)
+    error, result = comm.bcast(outcome)
+    if error is not None:
+        raise ConfigError(error)
+    return result
+
+
+def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> None:
+    def prepare() -> dict:
+        model_dir = check_model_dir(cfg.model.path)
+        make_task(cfg.task)  # a bad task name fails here, before the run dir is touched
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise ConfigError(f"--run-dir: '{run_dir}' already exists (pass --overwrite to replace it)")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunLog.create(run_dir / LOG_NAME, cfg.to_yaml(), str(model_dir.resolve()),
+                      model_sha256(model_dir), cfg.es.population)
+        return {}
+
+    checked_on_main(comm, prepare)
+    engine = Engine.load(cfg, comm)
+    log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
+    if log is not None:
+        log.add_session({"command": "train", "start": 0, "ranks": comm.size, "time": time.time()})
+    Trainer(engine, make_task(cfg.task), run_dir, log).run(start=0)
+
+
+def read_run(run_dir: Path, truncate: bool) -> tuple[Config, LogData, Path]:
+    """Config, committed log rows and a verified base-model path of an existing run."""
+    log = RunLog(run_dir / LOG_NAME)
+    if not log.path.is_file():
+        raise ConfigError(f"--run-dir: no run log at '{log.path}'")
+    if truncate:
+        log.truncate_to_committed()
+    data = log.read()
+    cfg = config_from_dict(yaml.safe_load(data.attrs["config_yaml"]))
+    model_dir = Path(cfg.model.path)
+    if not model_dir.is_dir():
+        model_dir = Path(data.attrs["model_path"])
+    check_model_dir(model_dir)
+    if model_sha256(model_dir) != data.attrs["model_sha256"]:
+        raise ConfigError(f"config field 'model.path': '{model_dir}' is not the base model of this "
+                          "run (sha256 of its weights differs from the log)")
+    return cfg, data, model_dir
+
+
+def replay_rows(weights: MasterWeights, cfg: Config, data: LogData, start: int, stop: int,
+                verify_each: bool) -> None:
+    """Apply logged iterations start..stop-1 to `weights` without any evaluation."""
+    cols = data.columns
+    for it in range(start, stop):
+        population = Population(cols["member_seeds"][it], cols["member_signs"][it])
+        apply_es_update(weights, population, cols["rewards"][it], cfg.es.shaping, cfg.es.alpha)
+        if (verify_each or it == stop - 1) and weights.checksum() != data.checksums[it]:
+            raise ReplayMismatch(f"replay: checksum mismatch at iteration {it} "
+                                 "(the log's seeds or rewards were altered, or the base model differs)")
+
+
+def restore_master(weights: MasterWeights, cfg: Config, data: LogData, run_dir: Path) -> int:
+    """Bring the master weights to the end of the log: newest valid checkpoint + replay."""
+    done = data.iterations_done
+    start = 0
+    for k, path in reversed(list_checkpoints(run_dir)):
+        if 0 < k <= done:
+            state = load_checkpoint(path)
+            if weights_checksum(state) == data.checksums[k - 1]:  # else damaged or foreign
+                weights.load_state_dict(state)
+                start = k
+                break
+    if done > start:
+        replay_rows(weights, cfg, data, start, done, verify_each=False)
+    return start
+
+
+def resume_run(run_dir: Path, iterations: int | None, comm: Comm) -> None:
+    def prepare() -> tuple[Config, LogData, str]:
+        cfg, data, model_dir = read_run(run_dir, truncate=True)
+        if iterations is not None:
+            if iterations < data.iterations_done:
+                raise ConfigError(f"--iterations: {iterations} is below the {data.iterations_done} "
+                                  "iterations already done")
+            cfg.es.iterations = iterations
+        return cfg, data, str(model_dir)
+
+    cfg, data, model_dir = checked_on_main(comm, prepare)
+    engine = Engine.load(cfg, comm, model_path=model_dir)
+    from_checkpoint = restore_master(engine.weights, cfg, data, run_dir)
+    log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
+    if log is not None:
+        log.set_attrs(config_yaml=cfg.to_yaml())
+        log.add_session({"command": "resume", "start": data.iterations_done, "ranks": comm.size,
+                         "from_checkpoint": from_checkpoint, "time": time.time()})
+        print(f"[es-mpi] resuming at iteration {data.iterations_done} (checkpoint "
+              f"{from_checkpoint}, replayed {data.iterations_done - from_checkpoint})", flush=True)
+    Trainer(engine, make_task(cfg.task), run_dir, log).run(start=data.iterations_done)
+
+
+def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
+    """Rebuild the weights from the base model and the log alone; check every checksum."""
+    cfg, data, model_dir = checked_on_main(comm, lambda: read_run(run_dir, truncate=False))
+    engine = Engine.load(cfg, comm, model_path=model_dir)
+    replay_rows(engine.weights, cfg, data, 0, data.iterations_done, verify_each=True)
+    if comm.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_hf_dir(engine.model, engine.tokenizer, engine.weights.state_dict(), tmp)
+        replace_dir(tmp, out)
+        print(f"[es-mpi] replayed {data.iterations_done} iterations, every checksum matches; "
+              f"weights in {out}", flush=True)
+    return data.iterations_done
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    data = RunLog(run_dir / LOG_NAME).read()
+    cfg = config_from_dict(yaml.safe_load(data.attrs["config_yaml"]))
+    cols = data.columns
+    done = data.iterations_done
+    per_it = cols["time_iteration"]
+    return {
+        "run_dir": str(run_dir),
+        "model_path": data.attrs["model_path"],
+        "model_sha256": data.attrs["model_sha256"],
+        "iterations_done": done,
+        "iterations_planned": cfg.es.iterations,
+        "population": cfg.es.population,
+        "sigma": cfg.es.sigma,
+        "alpha": cfg.es.alpha,
+        "task": cfg.task.name,
+        "reward_mean_first": float(cols["reward_mean"][0]) if done else None,
+        "reward_mean_last": float(cols["reward_mean"][-1]) if done else None,
+        "reward_mean_best": float(np.max(cols["reward_mean"])) if done else None,
+        "seconds_per_iteration_median": float(np.median(per_it)) if done else None,
+        "last_checksum": data.checksums[-1] if done else None,
+        "checkpoints": [k for k, _ in list_checkpoints(run_dir)],
+        "final_present": (run_dir / "final" / "model.safetensors").is_file(),
+        "sessions": data.attrs.get("sessions", "[]"),
+    }

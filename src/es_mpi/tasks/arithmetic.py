@@ -1,0 +1,37 @@
+"""Integer addition with exact-match reward and digit-wise partial credit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import TaskConfig
+from .base import Example
+
+
+def partial_match(completion: str, answer: str) -> float:
+    """1.0 for an exact answer; else half the share of characters right at their position."""
+    got = completion.strip()
+    if got == answer:
+        return 1.0
+    if not got:
+        return 0.0
+    same = sum(a == b for a, b in zip(got, answer, strict=False))
+    return 0.5 * same / max(len(got), len(answer))
+
+
+class ArithmeticTask:
+    """'a+b=' -> 'c' with `digits`-digit operands, problems generated from `data_seed`."""
+
+    name = "arithmetic"
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        rng = np.random.default_rng(cfg.data_seed)
+        low, high = 10 ** (cfg.digits - 1) if cfg.digits > 1 else 0, 10**cfg.digits
+        total = cfg.train_size + cfg.test_size
+        pairs = rng.integers(low, high, size=(total, 2))
+        examples = [Example(f"{a}+{b}=", str(a + b)) for a, b in pairs.tolist()]
+        self.train = examples[: cfg.train_size]
+        self.test = examples[cfg.train_size :]
+
+    def score(self, completion: str, example: Example) -> float:
+        return partial_match(completion, example.answer)

@@ -1,0 +1,56 @@
+"""A tiny Llama with a character-level tokenizer, built from a config (for tests and CPU runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from . import modelio  # noqa: F401  (offline environment defaults)
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = list("0123456789+-*/()=<>,.:? \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; decode concatenates (no spaces inserted)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_tiny_llama(
+    out: str | Path, hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0
+) -> Path:
+    """Randomly initialised tiny Llama, deterministic from `seed`, saved as an HF directory."""
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
