@@ -25,7 +25,9 @@ def _fsync_dir(path: Path) -> None:
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temp file, fsync, then os.replace: a crash leaves the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata)
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata
+    )
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -48,8 +50,9 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(run_dir: Path, iterations_done: int, master: dict[str, torch.Tensor],
-                    checksum: str, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, iterations_done: int, master: dict[str, torch.Tensor], checksum: str, keep: int
+) -> Path:
     path = checkpoint_path(run_dir, iterations_done)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(master, path, {"iterations_done": str(iterations_done), "checksum": checksum})

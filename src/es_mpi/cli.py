@@ -22,8 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="start a new run")
     t.add_argument("--config", type=Path, help="YAML config (defaults apply to what it omits)")
     t.add_argument("--run-dir", type=Path, required=True, help="directory of the run (created)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set es.sigma=0.002 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set es.sigma=0.002 (repeatable)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     t.add_argument("--help-config", action="store_true", help="list every config field and exit")
 
@@ -56,11 +61,13 @@ def _help_config() -> None:
 
 
 def _run(args: argparse.Namespace, comm) -> None:
-    from . import session
     from .config import load_config
 
+    # The config is checked before the heavy imports, so bad input fails in a fraction of a second.
+    cfg = load_config(args.config, args.set) if args.command == "train" else None
+    from . import session
+
     if args.command == "train":
-        cfg = load_config(args.config, args.set)
         session.start_run(cfg, args.run_dir, args.overwrite, comm)
     elif args.command == "resume":
         session.resume_run(args.run_dir, args.iterations, comm)
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         _help_config()
         return 0
     from .config import ConfigError
-    from .runlog import RunLogError
+    from .runlog import ReplayMismatch, RunLogError
 
     if args.command == "init-model":
         from .tiny_model import build_tiny_llama
@@ -103,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .comm import Comm
-    from .session import ReplayMismatch
 
     comm = Comm.world()
     try:
@@ -112,15 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         if comm.is_main:
             print(f"es-mpi: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ReplayMismatch as exc:  # every rank replays the same log
-        if comm.is_main:
+    except ReplayMismatch as exc:
+        if comm.is_main:  # every rank replays the same log and finds the same mismatch
             print(f"es-mpi: error: {exc}", file=sys.stderr)
         return EXIT_MISMATCH
     except BaseException as exc:  # noqa: BLE001 - one failure stops all (invariant 6)
-        print(f"[es-mpi] rank {comm.rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
-        comm.abort(EXIT_FAILURE)
+        _fail(comm, exc)
     return 0
+
+
+def _fail(comm, exc: BaseException) -> None:
+    """Print rank and reason, then abort every rank of the job (no rank left hanging)."""
+    print(f"[es-mpi] rank {comm.rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+    comm.abort(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,9 @@ def _convert(value: Any, expected: Any, name: str) -> Any:
     else:  # pragma: no cover - a programming error in this module
         raise TypeError(f"unsupported annotation {expected!r} for {name}")
     if not ok:
-        raise ConfigError(f"config field '{name}': expected {expected.__name__}, got {got} {value!r}")
+        raise ConfigError(
+            f"config field '{name}': expected {expected.__name__}, got {got} {value!r}"
+        )
     return value
 
 

@@ -44,7 +44,9 @@ def model_sha256(path: str | Path) -> str:
 
 
 def load_model(path: str | Path, dtype: str, device: torch.device):
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=DTYPES[dtype], local_files_only=True
+    )
     return model.to(device).eval()
 
 

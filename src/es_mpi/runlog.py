@@ -40,6 +40,10 @@ class RunLogError(RuntimeError):
     """The run log is missing, unreadable or inconsistent with what is asked of it."""
 
 
+class ReplayMismatch(RuntimeError):
+    """Weights rebuilt from the log differ from a logged checksum."""
+
+
 @dataclass
 class IterationRecord:
     iteration: int
@@ -73,25 +77,39 @@ class RunLog:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, path: str | Path, config_yaml: str, model_path: str, model_sha256: str,
-               population: int, extra_attrs: dict | None = None) -> RunLog:
+    def create(
+        cls,
+        path: str | Path,
+        config_yaml: str,
+        model_path: str,
+        model_sha256: str,
+        population: int,
+        extra_attrs: dict | None = None,
+    ) -> RunLog:
         log = cls(path)
         with h5py.File(log.path, "w") as f:
-            f.attrs.update({
-                "format": FORMAT,
-                "config_yaml": config_yaml,
-                "model_path": model_path,
-                "model_sha256": model_sha256,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "iterations_done": 0,
-                "sessions": json.dumps([]),
-                **(extra_attrs or {}),
-            })
+            f.attrs.update(
+                {
+                    "format": FORMAT,
+                    "config_yaml": config_yaml,
+                    "model_path": model_path,
+                    "model_sha256": model_sha256,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "iterations_done": 0,
+                    "sessions": json.dumps([]),
+                    **(extra_attrs or {}),
+                }
+            )
             for name, dtype in SCALARS.items():
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
             for name, dtype in MEMBER_COLUMNS.items():
-                f.create_dataset(name, shape=(0, population), maxshape=(None, population),
-                                 dtype=dtype, chunks=(16, population))
+                f.create_dataset(
+                    name,
+                    shape=(0, population),
+                    maxshape=(None, population),
+                    dtype=dtype,
+                    chunks=(16, population),
+                )
             f.create_dataset("checksum", shape=(0,), maxshape=(None,), dtype="S64", chunks=(256,))
         return log
 
@@ -109,8 +127,10 @@ class RunLog:
                 if _attr_str(f.attrs.get("format", "")) != FORMAT:
                     raise RunLogError(f"'{self.path}' is not an es-mpi run log")
                 done = int(f.attrs["iterations_done"])
-                attrs = {k: (_attr_str(v) if isinstance(v, bytes | str) else v)
-                         for k, v in f.attrs.items()}
+                attrs = {
+                    k: (_attr_str(v) if isinstance(v, bytes | str) else v)
+                    for k, v in f.attrs.items()
+                }
                 columns = {name: f[name][:done] for name in (*SCALARS, *MEMBER_COLUMNS)}
                 checksums = [c.decode() for c in f["checksum"][:done]]
             except (KeyError, OSError, ValueError) as exc:

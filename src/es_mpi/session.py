@@ -21,14 +21,10 @@ from .config import Config, ConfigError, config_from_dict
 from .engine import Engine
 from .modelio import check_model_dir, model_sha256, save_hf_dir
 from .perturb import MasterWeights, weights_checksum
-from .runlog import LOG_NAME, LogData, RunLog, RunLogError
+from .runlog import LOG_NAME, LogData, ReplayMismatch, RunLog, RunLogError
 from .strategy import Population
 from .tasks import make_task
 from .trainer import Trainer, apply_es_update
-
-
-class ReplayMismatch(RuntimeError):
-    """Weights rebuilt from the log differ from a logged checksum."""
 
 
 def checked_on_main(comm: Comm, check: Callable[[], Any]) -> Any:
@@ -45,17 +41,24 @@ def checked_on_main(comm: Comm, check: Callable[[], Any]) -> Any:
     return result
 
 
-def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> None:
+def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> MasterWeights:
     def prepare() -> dict:
         model_dir = check_model_dir(cfg.model.path)
         make_task(cfg.task)  # a bad task name fails here, before the run dir is touched
         if run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
-                raise ConfigError(f"--run-dir: '{run_dir}' already exists (pass --overwrite to replace it)")
+                raise ConfigError(
+                    f"--run-dir: '{run_dir}' already exists (pass --overwrite to replace it)"
+                )
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        RunLog.create(run_dir / LOG_NAME, cfg.to_yaml(), str(model_dir.resolve()),
-                      model_sha256(model_dir), cfg.es.population)
+        RunLog.create(
+            run_dir / LOG_NAME,
+            cfg.to_yaml(),
+            str(model_dir.resolve()),
+            model_sha256(model_dir),
+            cfg.es.population,
+        )
         return {}
 
     checked_on_main(comm, prepare)
@@ -64,6 +67,7 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> None:
     if log is not None:
         log.add_session({"command": "train", "start": 0, "ranks": comm.size, "time": time.time()})
     Trainer(engine, make_task(cfg.task), run_dir, log).run(start=0)
+    return engine.weights
 
 
 def read_run(run_dir: Path, truncate: bool) -> tuple[Config, LogData, Path]:
@@ -80,21 +84,26 @@ def read_run(run_dir: Path, truncate: bool) -> tuple[Config, LogData, Path]:
         model_dir = Path(data.attrs["model_path"])
     check_model_dir(model_dir)
     if model_sha256(model_dir) != data.attrs["model_sha256"]:
-        raise ConfigError(f"config field 'model.path': '{model_dir}' is not the base model of this "
-                          "run (sha256 of its weights differs from the log)")
+        raise ConfigError(
+            f"config field 'model.path': '{model_dir}' is not the base model of this "
+            "run (sha256 of its weights differs from the log)"
+        )
     return cfg, data, model_dir
 
 
-def replay_rows(weights: MasterWeights, cfg: Config, data: LogData, start: int, stop: int,
-                verify_each: bool) -> None:
+def replay_rows(
+    weights: MasterWeights, cfg: Config, data: LogData, start: int, stop: int, verify_each: bool
+) -> None:
     """Apply logged iterations start..stop-1 to `weights` without any evaluation."""
     cols = data.columns
     for it in range(start, stop):
         population = Population(cols["member_seeds"][it], cols["member_signs"][it])
         apply_es_update(weights, population, cols["rewards"][it], cfg.es.shaping, cfg.es.alpha)
         if (verify_each or it == stop - 1) and weights.checksum() != data.checksums[it]:
-            raise ReplayMismatch(f"replay: checksum mismatch at iteration {it} "
-                                 "(the log's seeds or rewards were altered, or the base model differs)")
+            raise ReplayMismatch(
+                f"replay: checksum mismatch at iteration {it} "
+                "(the log's seeds or rewards were altered, or the base model differs)"
+            )
 
 
 def restore_master(weights: MasterWeights, cfg: Config, data: LogData, run_dir: Path) -> int:
@@ -113,13 +122,15 @@ def restore_master(weights: MasterWeights, cfg: Config, data: LogData, run_dir: 
     return start
 
 
-def resume_run(run_dir: Path, iterations: int | None, comm: Comm) -> None:
+def resume_run(run_dir: Path, iterations: int | None, comm: Comm) -> MasterWeights:
     def prepare() -> tuple[Config, LogData, str]:
         cfg, data, model_dir = read_run(run_dir, truncate=True)
         if iterations is not None:
             if iterations < data.iterations_done:
-                raise ConfigError(f"--iterations: {iterations} is below the {data.iterations_done} "
-                                  "iterations already done")
+                raise ConfigError(
+                    f"--iterations: {iterations} is below the {data.iterations_done} "
+                    "iterations already done"
+                )
             cfg.es.iterations = iterations
         return cfg, data, str(model_dir)
 
@@ -129,11 +140,22 @@ def resume_run(run_dir: Path, iterations: int | None, comm: Comm) -> None:
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
     if log is not None:
         log.set_attrs(config_yaml=cfg.to_yaml())
-        log.add_session({"command": "resume", "start": data.iterations_done, "ranks": comm.size,
-                         "from_checkpoint": from_checkpoint, "time": time.time()})
-        print(f"[es-mpi] resuming at iteration {data.iterations_done} (checkpoint "
-              f"{from_checkpoint}, replayed {data.iterations_done - from_checkpoint})", flush=True)
+        log.add_session(
+            {
+                "command": "resume",
+                "start": data.iterations_done,
+                "ranks": comm.size,
+                "from_checkpoint": from_checkpoint,
+                "time": time.time(),
+            }
+        )
+        print(
+            f"[es-mpi] resuming at iteration {data.iterations_done} (checkpoint "
+            f"{from_checkpoint}, replayed {data.iterations_done - from_checkpoint})",
+            flush=True,
+        )
     Trainer(engine, make_task(cfg.task), run_dir, log).run(start=data.iterations_done)
+    return engine.weights
 
 
 def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
@@ -146,8 +168,11 @@ def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
         tmp = out.with_name(f".{out.name}.tmp")
         save_hf_dir(engine.model, engine.tokenizer, engine.weights.state_dict(), tmp)
         replace_dir(tmp, out)
-        print(f"[es-mpi] replayed {data.iterations_done} iterations, every checksum matches; "
-              f"weights in {out}", flush=True)
+        print(
+            f"[es-mpi] replayed {data.iterations_done} iterations, every checksum matches; "
+            f"weights in {out}",
+            flush=True,
+        )
     return data.iterations_done
 
 

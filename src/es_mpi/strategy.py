@@ -22,7 +22,9 @@ class Population:
     signs: np.ndarray  # int8 [N]
 
 
-def member_population(run_seed: int, iteration: int, population: int, antithetic: bool) -> Population:
+def member_population(
+    run_seed: int, iteration: int, population: int, antithetic: bool
+) -> Population:
     """Seeds of iteration `iteration`, derived from (run seed, iteration) only.
 
     With antithetic pairs, members 2k and 2k+1 share one seed with signs +1 and -1.
@@ -39,7 +41,9 @@ def member_population(run_seed: int, iteration: int, population: int, antithetic
 
 def prompt_indices(run_seed: int, iteration: int, split_size: int, batch: int) -> np.ndarray:
     """Indices of the training prompts every member of `iteration` is scored on."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([run_seed, iteration, _PROMPT_SALT])))
+    rng = np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence([run_seed, iteration, _PROMPT_SALT]))
+    )
     return np.sort(rng.choice(split_size, size=batch, replace=False))
 
 
@@ -85,6 +89,8 @@ def update_coefficients(
     """
     n = len(population.seeds)
     coefs: dict[int, float] = {}
-    for seed, sign, weight in zip(population.seeds.tolist(), population.signs.tolist(), shaped.tolist(), strict=True):
+    for seed, sign, weight in zip(
+        population.seeds.tolist(), population.signs.tolist(), shaped.tolist(), strict=True
+    ):
         coefs[seed] = coefs.get(seed, 0.0) + alpha / n * sign * weight
     return [(seed, c) for seed, c in coefs.items() if c != 0.0]

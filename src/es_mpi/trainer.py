@@ -15,12 +15,19 @@ from .evaluate import Evaluator, PromptBatch
 from .modelio import save_hf_dir
 from .perturb import MasterWeights
 from .runlog import IterationRecord, RunLog
-from .strategy import Population, member_population, prompt_indices, shape_rewards, update_coefficients
+from .strategy import (
+    Population,
+    member_population,
+    prompt_indices,
+    shape_rewards,
+    update_coefficients,
+)
 from .tasks import Task
 
 
-def apply_es_update(weights: MasterWeights, population: Population, rewards: np.ndarray,
-                    shaping: str, alpha: float) -> np.ndarray:
+def apply_es_update(
+    weights: MasterWeights, population: Population, rewards: np.ndarray, shaping: str, alpha: float
+) -> np.ndarray:
     """Shape the gathered rewards and move the master weights; returns the shaped weights.
 
     Training and replay both call this, so a replay repeats the update bit for bit.
@@ -37,22 +44,27 @@ class Trainer:
         self.task = task
         self.run_dir = run_dir
         self.log = log  # rank 0 only
-        self.evaluator = Evaluator(engine.model, engine.tokenizer, task, self.cfg.task.max_new_tokens)
+        self.evaluator = Evaluator(
+            engine.model, engine.tokenizer, task, self.cfg.task.max_new_tokens
+        )
 
     def prompt_batch(self, iteration: int) -> PromptBatch:
         """The same prompts for every member and rank, drawn from (run seed, iteration)."""
-        idx = prompt_indices(self.cfg.seed, iteration, len(self.task.train),
-                             self.cfg.task.prompts_per_member)
+        idx = prompt_indices(
+            self.cfg.seed, iteration, len(self.task.train), self.cfg.task.prompts_per_member
+        )
         return self.evaluator.encode([self.task.train[i] for i in idx])
 
-    def evaluate_members(self, members: range, population: Population,
-                         batch: PromptBatch) -> tuple[list[float], float]:
+    def evaluate_members(
+        self, members: range, population: Population, batch: PromptBatch
+    ) -> tuple[list[float], float]:
         """Mean reward of each of this rank's members; also the seconds spent materialising."""
         rewards, perturb_seconds = [], 0.0
         for n in members:
             t0 = time.perf_counter()
-            self.weights.materialise(int(population.seeds[n]), int(population.signs[n]),
-                                     self.cfg.es.sigma)
+            self.weights.materialise(
+                int(population.seeds[n]), int(population.signs[n]), self.cfg.es.sigma
+            )
             perturb_seconds += time.perf_counter() - t0
             rewards.append(float(self.evaluator.rewards(batch).mean()))
         return rewards, perturb_seconds
@@ -62,7 +74,9 @@ class Trainer:
         t_start = time.perf_counter()
         population = member_population(self.cfg.seed, iteration, es.population, es.antithetic)
         members = self.comm.my_members(es.population)
-        local_rewards, t_perturb = self.evaluate_members(members, population, self.prompt_batch(iteration))
+        local_rewards, t_perturb = self.evaluate_members(
+            members, population, self.prompt_batch(iteration)
+        )
         t_evaluated = time.perf_counter()
         rewards = self.comm.gather_rewards(members, population.seeds, local_rewards, es.population)
         t_gathered = time.perf_counter()
@@ -77,14 +91,18 @@ class Trainer:
             "iteration": time.perf_counter() - t_start,
             "wall_clock": time.time(),
         }
-        return IterationRecord(iteration, population.seeds, population.signs, rewards, shaped,
-                               checksum, times)
+        return IterationRecord(
+            iteration, population.seeds, population.signs, rewards, shaped, checksum, times
+        )
 
     def run(self, start: int) -> None:
         total = self.cfg.es.iterations
         if self.comm.is_main:
-            print(f"[es-mpi] {self.comm.size} rank(s), device {self.engine.device}, "
-                  f"{self.weights.numel:,} parameters, iterations {start}..{total}", flush=True)
+            print(
+                f"[es-mpi] {self.comm.size} rank(s), device {self.engine.device}, "
+                f"{self.weights.numel:,} parameters, iterations {start}..{total}",
+                flush=True,
+            )
         for iteration in range(start, total):
             record = self.step(iteration)
             if self.comm.is_main:
@@ -95,28 +113,42 @@ class Trainer:
 
     def report(self, record: IterationRecord, total: int) -> None:
         t = record.times
-        print(f"[es-mpi] iter {record.iteration + 1}/{total} reward mean "
-              f"{record.rewards.mean():.4f} max {record.rewards.max():.4f} | eval "
-              f"{t['evaluate']:.2f}s update {t['update']:.3f}s comm {t['communicate']:.3f}s | "
-              f"{t['iteration']:.2f} s/it", flush=True)
+        print(
+            f"[es-mpi] iter {record.iteration + 1}/{total} reward mean "
+            f"{record.rewards.mean():.4f} max {record.rewards.max():.4f} | eval "
+            f"{t['evaluate']:.2f}s update {t['update']:.3f}s comm {t['communicate']:.3f}s | "
+            f"{t['iteration']:.2f} s/it",
+            flush=True,
+        )
 
     def maybe_checkpoint(self, iterations_done: int, checksum: str) -> None:
         every = self.cfg.checkpoint.every
         if every and iterations_done % every == 0:
-            save_checkpoint(self.run_dir, iterations_done, self.weights.state_dict(), checksum,
-                            self.cfg.checkpoint.keep)
+            save_checkpoint(
+                self.run_dir,
+                iterations_done,
+                self.weights.state_dict(),
+                checksum,
+                self.cfg.checkpoint.keep,
+            )
 
     def finish(self) -> None:
         """Write final/ (rank 0) and the per-rank peak memory into the log."""
         rss = self.comm.gather((peak_rss_bytes(), self.engine.rss_before_model))
         if not self.comm.is_main:
             return
-        self.log.set_attrs(memory=json.dumps({
-            "peak_rss_bytes": [r[0] for r in rss],
-            "rss_before_model_bytes": [r[1] for r in rss],
-            "master_fp32_bytes": self.weights.numel * 4,
-        }))
+        self.log.set_attrs(
+            memory=json.dumps(
+                {
+                    "peak_rss_bytes": [r[0] for r in rss],
+                    "rss_before_model_bytes": [r[1] for r in rss],
+                    "master_fp32_bytes": self.weights.numel * 4,
+                }
+            )
+        )
         tmp = self.run_dir / ".final.tmp"
         save_hf_dir(self.engine.model, self.engine.tokenizer, self.weights.state_dict(), tmp)
         replace_dir(tmp, self.run_dir / "final")
-        print(f"[es-mpi] done: final model in {self.run_dir / 'final'}", file=sys.stdout, flush=True)
+        print(
+            f"[es-mpi] done: final model in {self.run_dir / 'final'}", file=sys.stdout, flush=True
+        )

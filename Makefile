@@ -1,0 +1,49 @@
+# es-mpi: `make install`, `make test`, `make run`, `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MPIEXEC := $(VENV)/bin/mpiexec
+RUN_DIR ?= runs/default
+RANKS ?= 2
+PYTEST_MPI := -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q
+export HF_HUB_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install test test-serial test-mpi run bench lint model clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: test-serial test-mpi
+
+test-serial: install
+	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+test-mpi: install
+	$(MPIEXEC) -n 2 $(PY) $(PYTEST_MPI) -m mpi tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(MPIEXEC) -n 3 $(PY) $(PYTEST_MPI) -m mpi -k invariance tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+run: install
+	$(MPIEXEC) -n $(RANKS) $(VENV)/bin/es-mpi train --config configs/default.yaml --run-dir $(RUN_DIR) --overwrite
+	$(VENV)/bin/es-mpi inspect --run-dir $(RUN_DIR)
+
+bench: install
+	$(PY) benchmarks/engine.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks bin/es-mpi
+	$(VENV)/bin/ruff format --check src tests benchmarks bin/es-mpi
+
+# Rebuild the shipped tiny model (deterministic from its seed).
+model: install
+	$(VENV)/bin/es-mpi init-model --out models/tiny-random --seed 0
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,79 @@
+"""Config parsing and validation; bad CLI input exits 2 with a one-line error naming the field."""
+
+import pytest
+from conftest import run_cli, small_overrides
+
+from es_mpi.config import Config, ConfigError, describe_fields, load_config
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = Config()
+    assert cfg.es.population == 30 and cfg.runtime.threads == 1
+    rows = describe_fields()
+    assert {"es.sigma", "model.path", "task.name", "seed"} <= {r[0] for r in rows}
+    assert all(doc for _, _, doc in rows)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("es:\n  sigma: 0.01\n  population: 8\nseed: 3\n")
+    cfg = load_config(path, ["es.sigma=0.002", "es.alpha=1", "task.name=arithmetic"])
+    assert (cfg.es.sigma, cfg.es.population, cfg.seed) == (0.002, 8, 3)
+    assert cfg.es.alpha == 1.0 and isinstance(cfg.es.alpha, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("es.sigmaa=0.1", "es.sigmaa"),
+        ("es.population=many", "es.population"),
+        ("es.population=2.5", "es.population"),
+        ("es.antithetic=1", "es.antithetic"),
+        ("es.sigma=-1", "es.sigma"),
+        ("es.shaping=rank", "es.shaping"),
+        ("runtime.threads=0", "runtime.threads"),
+        ("model=3", "model"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        load_config(None, [override])
+
+
+def test_antithetic_needs_even_population():
+    with pytest.raises(ConfigError, match="es.population"):
+        load_config(None, ["es.antithetic=true", "es.population=5"])
+
+
+def _assert_usage_error(result, field):
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and field in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--set", "es.bogus=1"], "es.bogus"),
+        (["--set", "es.population=abc"], "es.population"),
+        (["--set", "model.path=/nonexistent/model"], "model.path"),
+    ],
+)
+def test_cli_bad_input_exits_2(tiny_model_dir, tmp_path, extra, field):
+    args = ["train", "--run-dir", str(tmp_path / "run")]
+    for item in small_overrides(tiny_model_dir):
+        args += ["--set", item]
+    result = run_cli(args + extra)
+    _assert_usage_error(result, field)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_existing_run_dir_is_not_overwritten(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "precious.txt").write_text("keep me")
+    args = ["train", "--run-dir", str(run_dir)]
+    for item in small_overrides(tiny_model_dir):
+        args += ["--set", item]
+    _assert_usage_error(run_cli(args), "--run-dir")
+    assert (run_dir / "precious.txt").read_text() == "keep me"

@@ -1,0 +1,132 @@
+"""End-to-end runs of the real CLI: rank-count invariance, replay, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import MPIEXEC, ROOT, run_cli, small_overrides
+from safetensors.torch import load_file
+
+from es_mpi.perturb import weights_checksum
+
+pytestmark = pytest.mark.slow
+
+
+def _train_args(run_dir: Path, model_dir: Path, **extra) -> list[str]:
+    args = ["train", "--run-dir", str(run_dir)]
+    for item in small_overrides(model_dir, **extra):
+        args += ["--set", item]
+    return args
+
+
+def _final_sha(run_dir: Path) -> str:
+    return weights_checksum(load_file(str(run_dir / "final" / "model.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    result = run_cli(_train_args(run_dir, tiny_model_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_rank_count_invariance(reference_run, tiny_model_dir, tmp_path, ranks):
+    """Population 5 does not divide over 2 or 3 ranks: the result must not care."""
+    run_dir = tmp_path / "run"
+    result = run_cli(_train_args(run_dir, tiny_model_dir), ranks=ranks)
+    assert result.returncode == 0, result.stderr
+    assert _final_sha(run_dir) == _final_sha(reference_run)
+    # the run actually moved the weights away from the base model
+    assert _final_sha(run_dir) != weights_checksum(
+        load_file(str(tiny_model_dir / "model.safetensors"))
+    )
+
+
+def test_replay_equals_final_bit_for_bit(reference_run, tmp_path):
+    out = tmp_path / "replayed"
+    result = run_cli(["replay", "--run-dir", str(reference_run), "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    final = load_file(str(reference_run / "final" / "model.safetensors"))
+    replayed = load_file(str(out / "model.safetensors"))
+    assert final.keys() == replayed.keys()
+    assert all(final[k].equal(replayed[k]) for k in final)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers loads it
+
+
+def test_tampered_log_fails_naming_the_iteration(reference_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "tampered"
+    shutil.copytree(reference_run, run_dir)
+    with h5py.File(run_dir / "run.h5", "a") as f:
+        rewards = f["rewards"][2]
+        rewards[0], rewards[1] = rewards.max() + 1.0, rewards.min() - 1.0  # other shaped weights
+        f["rewards"][2] = rewards
+    result = run_cli(["replay", "--run-dir", str(run_dir), "--out", str(tmp_path / "out")])
+    assert result.returncode == 3
+    assert "iteration 2" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path):
+    extra = {"es.iterations": 12, "checkpoint.every": 3}
+    full = tmp_path / "full"
+    assert run_cli(_train_args(full, tiny_model_dir, **extra)).returncode == 0
+
+    killed = tmp_path / "killed"
+    cmd = [
+        MPIEXEC,
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "es_mpi",
+        *_train_args(killed, tiny_model_dir, **extra),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    for line in proc.stdout:
+        if "iter 7/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = run_cli(["inspect", "--run-dir", str(killed), "--json"])
+    assert done.returncode == 0, done.stderr
+    assert not (killed / "final").exists()
+
+    resumed = run_cli(["resume", "--run-dir", str(killed)], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at iteration" in resumed.stdout
+    assert _final_sha(killed) == _final_sha(full)
+    with h5py.File(killed / "run.h5", "r") as f:
+        assert list(f["iteration"][:]) == list(range(12))  # the counter continued
+
+
+def test_failure_on_one_rank_aborts_the_job(tiny_model_dir, tmp_path):
+    """A task whose scorer raises on rank 1 only: the job must end, naming the rank."""
+    args = _train_args(
+        tmp_path / "run", tiny_model_dir, **{"task.name": "failing_task:FailOnRankOne"}
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent / "plugins")}
+    start = time.monotonic()
+    result = run_cli(args, ranks=2, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "rank 1 failed" in result.stderr and "boom on rank 1" in result.stderr
+    assert time.monotonic() - start < 60

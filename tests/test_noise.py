@@ -1,0 +1,81 @@
+"""Noise streams and the update, against independent computations."""
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+from es_mpi.noise import NoiseSource, tensor_stream_seed
+from es_mpi.perturb import MasterWeights
+from es_mpi.strategy import member_population, update_coefficients
+
+
+def _digest_in_fresh_process(seed: int, name: str) -> str:
+    code = (
+        "import hashlib, torch; from es_mpi.noise import NoiseSource;"
+        f"t = NoiseSource().sample({seed}, {name!r}, (64, 33), 'cpu');"
+        "print(hashlib.sha256(t.numpy().tobytes()).hexdigest())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_same_seed_and_tensor_give_same_noise_in_two_processes():
+    assert _digest_in_fresh_process(123, "layers.0.q.weight") == _digest_in_fresh_process(
+        123, "layers.0.q.weight"
+    )
+    assert _digest_in_fresh_process(123, "layers.0.q.weight") != _digest_in_fresh_process(
+        124, "layers.0.q.weight"
+    )
+
+
+def test_same_shaped_tensors_get_different_noise():
+    src = NoiseSource()
+    a = src.sample(5, "model.layers.0.mlp.up_proj.weight", (16, 16), "cpu")
+    b = src.sample(5, "model.layers.1.mlp.up_proj.weight", (16, 16), "cpu")
+    assert not torch.equal(a, b)
+    assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.3
+    assert tensor_stream_seed(5, "x") != tensor_stream_seed(5, "y")
+
+
+def test_noise_is_standard_normal():
+    eps = NoiseSource().sample(9, "w", (200_000,), "cpu")
+    assert abs(eps.mean().item()) < 0.01 and abs(eps.std().item() - 1.0) < 0.01
+
+
+class TwoTensors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        self.b = nn.Parameter(torch.tensor([0.5, -0.5, 0.25]))
+
+
+def test_update_equals_hand_computation():
+    weights = MasterWeights(TwoTensors())
+    pop = member_population(3, 0, 4, antithetic=False)
+    shaped = np.array([1.0, -0.5, 0.0, 2.0])
+    alpha = 0.1
+    expected = {}
+    for name, start in (
+        ("a", torch.tensor([[1.0, 2.0], [3.0, 4.0]])),
+        ("b", torch.tensor([0.5, -0.5, 0.25])),
+    ):
+        total = torch.zeros_like(start, dtype=torch.float64)
+        for seed, z in zip(pop.seeds.tolist(), shaped.tolist(), strict=True):
+            total += (alpha / 4) * z * NoiseSource().sample(seed, name, start.shape, "cpu").double()
+        expected[name] = start.double() + total
+    weights.apply_update(update_coefficients(pop, shaped, alpha))
+    for name in ("a", "b"):
+        assert weights.master[name].dtype == torch.float32
+        torch.testing.assert_close(weights.master[name].double(), expected[name], atol=1e-6, rtol=0)
+
+
+def test_materialise_is_master_plus_sigma_noise():
+    model = TwoTensors()
+    weights = MasterWeights(model)
+    weights.materialise(member_seed=77, sign=-1, sigma=0.01)
+    eps = NoiseSource().sample(77, "a", (2, 2), "cpu")
+    torch.testing.assert_close(model.a.data, weights.master["a"] - 0.01 * eps)

@@ -1,0 +1,74 @@
+"""Pure ES math against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from es_mpi.comm import deal_members
+from es_mpi.strategy import (
+    Population,
+    centered_ranks,
+    member_population,
+    prompt_indices,
+    update_coefficients,
+    zscore,
+)
+
+
+def test_zscore_hand_computed():
+    # mean 2, population std sqrt(2/3)
+    expected = np.array([-1.0, 0.0, 1.0]) / np.sqrt(2 / 3)
+    np.testing.assert_allclose(zscore(np.array([1.0, 2.0, 3.0])), expected)
+
+
+def test_centered_ranks_hand_computed():
+    np.testing.assert_allclose(centered_ranks(np.array([10.0, -3.0, 7.0])), [0.5, -0.5, 0.0])
+    # ties share their average rank: ranks 0, 1.5, 1.5, 3 over 3
+    np.testing.assert_allclose(
+        centered_ranks(np.array([1.0, 5.0, 5.0, 9.0])), [-0.5, 0.0, 0.0, 0.5]
+    )
+
+
+@pytest.mark.parametrize("shaper", [zscore, centered_ranks])
+@pytest.mark.parametrize("rewards", [[0.7], [0.3, 0.3, 0.3, 0.3], [0.0] * 7])
+def test_degenerate_rewards_give_zeros(shaper, rewards):
+    out = shaper(np.array(rewards))
+    assert np.all(np.isfinite(out)) and np.all(out == 0.0)
+
+
+def test_member_seeds_depend_on_seed_and_iteration_only():
+    a = member_population(7, 3, 10, antithetic=False)
+    b = member_population(7, 3, 10, antithetic=False)
+    np.testing.assert_array_equal(a.seeds, b.seeds)
+    assert len(set(a.seeds.tolist())) == 10
+    assert not np.array_equal(a.seeds, member_population(7, 4, 10, False).seeds)
+    assert not np.array_equal(a.seeds, member_population(8, 3, 10, False).seeds)
+
+
+def test_antithetic_pairs_share_seeds_with_opposite_signs():
+    pop = member_population(0, 0, 6, antithetic=True)
+    np.testing.assert_array_equal(pop.seeds[0::2], pop.seeds[1::2])
+    np.testing.assert_array_equal(pop.signs, [1, -1, 1, -1, 1, -1])
+
+
+def test_update_coefficients_hand_computed():
+    pop = Population(np.array([11, 11, 22, 22]), np.array([1, -1, 1, -1], np.int8))
+    coefs = update_coefficients(pop, np.array([1.0, -1.0, 0.5, 0.5]), alpha=0.4)
+    # alpha/N = 0.1: seed 11 -> 0.1*(1*1 + -1*-1) = 0.2; seed 22 -> 0.1*(0.5 - 0.5) = 0, dropped
+    assert coefs == [(11, pytest.approx(0.2))]
+
+
+def test_prompt_indices_distinct_and_reproducible():
+    idx = prompt_indices(1, 2, 100, 16)
+    assert len(set(idx.tolist())) == 16 and idx.max() < 100
+    np.testing.assert_array_equal(idx, prompt_indices(1, 2, 100, 16))
+
+
+@pytest.mark.parametrize("population", [1, 5, 7, 30, 31])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8, 40])
+@pytest.mark.parametrize("group", [1, 2])
+def test_every_member_dealt_to_exactly_one_rank(population, world, group):
+    dealt = [n for r in range(world) for n in deal_members(population, world, r, group)]
+    assert sorted(dealt) == list(range(population))
+    for r in range(world):  # whole groups only, except the population's last partial group
+        members = deal_members(population, world, r, group)
+        assert len(members) == 0 or members.start % group == 0
