@@ -45,3 +45,15 @@ def test_member_reward_independent_of_evaluation_order(tiny_config, tmp_path):
         trainer.evaluate_members(range(n, n + 1), pop, batch)[0][0] for n in range(5, -1, -1)
     ]
     assert forward == backward[::-1]
+
+
+def test_master_is_the_fp32_base_even_with_a_bf16_eval_copy(tiny_config):
+    """The master comes from the fp32 file, not from the rounded evaluation copy."""
+    from safetensors.torch import load_file
+
+    tiny_config.model.eval_dtype = "bfloat16"
+    engine = Engine.load(tiny_config, Comm.serial())
+    base = load_file(str(tiny_config.model.path) + "/model.safetensors")
+    for name, tensor in engine.weights.master.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, base[name])
+        assert engine.weights.eval_params[name].dtype == torch.bfloat16

@@ -79,3 +79,19 @@ def test_materialise_is_master_plus_sigma_noise():
     weights.materialise(member_seed=77, sign=-1, sigma=0.01)
     eps = NoiseSource().sample(77, "a", (2, 2), "cpu")
     torch.testing.assert_close(model.a.data, weights.master["a"] - 0.01 * eps)
+
+
+def test_noise_cache_changes_nothing_but_speed():
+    """Noise kept from evaluation for the update equals noise generated again, bit for bit."""
+    pop = member_population(4, 0, 6, antithetic=True)
+    shaped = np.array([0.5, -1.0, 2.0, 0.25, -0.75, 1.5])
+    results = []
+    for cache_bytes in (0, 10**9, 4 * 7 * 2):  # none, all members, room for about one
+        model = TwoTensors()
+        weights = MasterWeights(model, noise_cache_bytes=cache_bytes)
+        for seed, sign in zip(pop.seeds.tolist(), pop.signs.tolist(), strict=True):
+            weights.materialise(seed, sign, sigma=0.1)
+        weights.apply_update(update_coefficients(pop, shaped, alpha=0.3))
+        results.append(weights.checksum())
+        assert not weights._cache  # emptied by the update
+    assert results[0] == results[1] == results[2]

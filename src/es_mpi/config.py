@@ -57,12 +57,17 @@ class ESConfig:
     """Fitness shaping of the N rewards: zscore (Qiu et al.) or centered_rank (Salimans et al.)."""
     antithetic: bool = False
     """Mirrored pairs: members 2k and 2k+1 share a seed with noise +eps and -eps."""
+    noise_cache_mb: int = 256
+    """Memory per rank (MiB) for keeping the noise of this rank's own members from evaluation
+    to the update instead of generating it twice. Speed only: results are identical for any
+    value; 0 disables. A member is cached whole or not at all."""
 
     def __post_init__(self) -> None:
         _require(self.population >= 1, "es.population", "must be >= 1")
         _require(self.sigma > 0, "es.sigma", "must be > 0")
         _require(self.alpha >= 0, "es.alpha", "must be >= 0")
         _require(self.iterations >= 0, "es.iterations", "must be >= 0")
+        _require(self.noise_cache_mb >= 0, "es.noise_cache_mb", "must be >= 0")
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
         _require(
             not self.antithetic or self.population % 2 == 0,

@@ -10,7 +10,7 @@ import torch
 
 from .comm import Comm
 from .config import Config
-from .modelio import load_model, load_tokenizer
+from .modelio import DTYPES, load_model, load_tokenizer, model_class
 from .perturb import MasterWeights
 
 
@@ -57,8 +57,12 @@ class Engine:
     def load(cls, cfg: Config, comm: Comm, model_path: str | Path | None = None) -> Engine:
         set_threads(cfg.runtime.threads)
         device = pick_device(cfg.runtime.device, comm.local_rank)
-        rss_before = current_rss_bytes()
         path = model_path or cfg.model.path
-        model = load_model(path, cfg.model.eval_dtype, device)
+        architecture, config = model_class(path)  # imported before the memory baseline
+        rss_before = current_rss_bytes()
+        model = load_model(path, device, architecture, config)
         tokenizer = load_tokenizer(path)
-        return cls(cfg, comm, device, model, tokenizer, MasterWeights(model), rss_before)
+        weights = MasterWeights(
+            model, DTYPES[cfg.model.eval_dtype], noise_cache_bytes=cfg.es.noise_cache_mb * 2**20
+        )
+        return cls(cfg, comm, device, model, tokenizer, weights, rss_before)

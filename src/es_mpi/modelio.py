@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .config import ConfigError  # noqa: E402
@@ -43,9 +44,18 @@ def model_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_model(path: str | Path, dtype: str, device: torch.device):
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[dtype], local_files_only=True
+def model_class(path: str | Path):
+    """The model's class, imported now (transformers imports architectures lazily)."""
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config
+
+
+def load_model(path: str | Path, device: torch.device, cls=None, config=None):
+    """The model in float32 (the master is taken from it before any cast)."""
+    if cls is None:
+        cls, config = model_class(path)
+    model = cls.from_pretrained(
+        str(path), config=config, dtype=torch.float32, local_files_only=True
     )
     return model.to(device).eval()
 

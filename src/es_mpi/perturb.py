@@ -18,42 +18,87 @@ from .noise import NoiseSource
 class MasterWeights:
     """The trainable state of a run: one fp32 tensor per named parameter of the model."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self, model: nn.Module, eval_dtype: torch.dtype | None = None, noise_cache_bytes: int = 0
+    ) -> None:
+        """Take the fp32 master from `model` (loaded in fp32), then cast the model's own
+        parameters, which become the evaluation copy, to `eval_dtype` tensor by tensor."""
         self.model = model
+        self.master: dict[str, torch.Tensor] = {}
+        self.eval_params: dict[str, torch.Tensor] = {}
         # named_parameters() drops tied duplicates (e.g. lm_head tied to the embedding).
-        self.eval_params: dict[str, torch.Tensor] = {
-            name: p for name, p in model.named_parameters()
-        }
-        for p in self.eval_params.values():
+        for name, p in model.named_parameters():
+            if p.dtype != torch.float32:
+                raise ValueError(f"load the model in float32: '{name}' is {p.dtype}")
             p.requires_grad_(False)
-        self.names = list(self.eval_params)
-        self.master: dict[str, torch.Tensor] = {
-            name: p.detach().to(torch.float32).clone() for name, p in self.eval_params.items()
-        }
+            self.master[name] = p.detach().clone()
+            if eval_dtype is not None and eval_dtype != torch.float32:
+                p.data = p.data.to(eval_dtype)
+            self.eval_params[name] = p
+        self.names = list(self.master)
+        self.numel = sum(t.numel() for t in self.master.values())
         device = next(iter(self.master.values())).device
         self.noise = NoiseSource(device)
         largest = max(t.numel() for t in self.master.values())
         # Two scratch buffers of the largest tensor: noise, and the update accumulator.
         self._noise_buf = torch.empty(largest, dtype=torch.float32, device=device)
         self._acc_buf = torch.empty(largest, dtype=torch.float32, device=device)
-
-    @property
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.master.values())
+        # Noise of this rank's own members, kept from evaluation to the update so it is not
+        # generated twice, in flat buffers reused across iterations (count set by a byte
+        # budget). Cached or generated again, the values are the same.
+        self._offsets: dict[str, int] = {}
+        offset = 0
+        for name in self.names:
+            self._offsets[name] = offset
+            offset += self.master[name].numel()
+        self._slots_max = noise_cache_bytes // (4 * self.numel)
+        self._slots: list[torch.Tensor] = []
+        self._cache: dict[int, torch.Tensor] = {}  # member seed -> filled slot
 
     def _scratch(self, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return buf[: like.numel()].view(like.shape)
 
+    def _view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        like = self.master[name]
+        start = self._offsets[name]
+        return flat[start : start + like.numel()].view(like.shape)
+
+    def _free_slot(self) -> torch.Tensor | None:
+        if len(self._cache) < len(self._slots):
+            return self._slots[len(self._cache)]
+        if len(self._slots) < self._slots_max:
+            self._slots.append(
+                torch.empty(self.numel, dtype=torch.float32, device=self._noise_buf.device)
+            )
+            return self._slots[-1]
+        return None
+
+    def _noise(self, member_seed: int, name: str) -> torch.Tensor:
+        """eps(member_seed) of one tensor: from the cache, or generated into scratch."""
+        cached = self._cache.get(member_seed)
+        if cached is not None:
+            return self._view(cached, name)
+        eps = self._scratch(self._noise_buf, self.master[name])
+        return self.noise.fill(eps, member_seed, name)
+
+    def clear_noise_cache(self) -> None:
+        self._cache.clear()
+
     def materialise(self, member_seed: int, sign: int, sigma: float) -> None:
         """eval copy <- master + sign * sigma * eps(member_seed), tensor by tensor."""
+        slot = None if member_seed in self._cache else self._free_slot()
         for name in self.names:
             master, target = self.master[name], self.eval_params[name]
-            eps = self.noise.fill(self._scratch(self._noise_buf, master), member_seed, name)
+            if slot is None:
+                eps = self._noise(member_seed, name)
+            else:
+                eps = self.noise.fill(self._view(slot, name), member_seed, name)
             if target.dtype == torch.float32:
                 torch.add(master, eps, alpha=sign * sigma, out=target)
-            else:
-                eps.mul_(sign * sigma).add_(master)
-                target.copy_(eps)
+            else:  # round once, from the fp32 sum
+                target.copy_(torch.add(master, eps, alpha=sign * sigma))
+        if slot is not None:
+            self._cache[member_seed] = slot
 
     def load_master(self) -> None:
         """eval copy <- master (unperturbed), e.g. before saving or a held-out evaluation."""
@@ -62,15 +107,13 @@ class MasterWeights:
 
     def apply_update(self, coefficients: list[tuple[int, float]]) -> None:
         """master += sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in the given order."""
-        if not coefficients:
-            return
-        for name in self.names:
+        for name in self.names if coefficients else []:
             master = self.master[name]
             acc = self._scratch(self._acc_buf, master).zero_()
-            eps = self._scratch(self._noise_buf, master)
             for seed, coef in coefficients:
-                acc.add_(self.noise.fill(eps, seed, name), alpha=coef)
+                acc.add_(self._noise(seed, name), alpha=coef)
             master.add_(acc)
+        self.clear_noise_cache()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.master)
