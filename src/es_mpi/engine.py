@@ -10,7 +10,7 @@ import torch
 
 from .comm import Comm
 from .config import Config
-from .modelio import DTYPES, load_model, load_tokenizer, model_class
+from .modelio import load_model, load_tokenizer, model_class, read_fp32_weights
 from .perturb import MasterWeights
 
 
@@ -60,9 +60,12 @@ class Engine:
         path = model_path or cfg.model.path
         architecture, config = model_class(path)  # imported before the memory baseline
         rss_before = current_rss_bytes()
-        model = load_model(path, device, architecture, config)
+        model = load_model(path, cfg.model.eval_dtype, device, architecture, config)
+        master = None
+        if cfg.model.eval_dtype != "float32":  # the master must not be the rounded eval copy
+            master = read_fp32_weights(path, [n for n, _ in model.named_parameters()])
+            if master is None:
+                raise RuntimeError(f"'{path}': weight names differ from the model's parameters")
+        weights = MasterWeights(model, master, noise_cache_bytes=cfg.es.noise_cache_mb * 2**20)
         tokenizer = load_tokenizer(path)
-        weights = MasterWeights(
-            model, DTYPES[cfg.model.eval_dtype], noise_cache_bytes=cfg.es.noise_cache_mb * 2**20
-        )
         return cls(cfg, comm, device, model, tokenizer, weights, rss_before)

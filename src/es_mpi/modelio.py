@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -50,14 +51,43 @@ def model_class(path: str | Path):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config
 
 
-def load_model(path: str | Path, device: torch.device, cls=None, config=None):
-    """The model in float32 (the master is taken from it before any cast)."""
+def load_model(path: str | Path, dtype: str, device: torch.device, cls=None, config=None):
     if cls is None:
         cls, config = model_class(path)
     model = cls.from_pretrained(
-        str(path), config=config, dtype=torch.float32, local_files_only=True
+        str(path), config=config, dtype=DTYPES[dtype], local_files_only=True
     )
     return model.to(device).eval()
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+def read_fp32_weights(path: str | Path, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The named tensors of a model directory's *.safetensors files, as float32, read tensor
+    by tensor with plain file reads (no mmap, so at most one extra tensor is resident).
+
+    Returns None when a name is missing from the files (a checkpoint with other key names).
+    """
+    wanted, found = set(names), {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            for key, meta in header.items():
+                if key not in wanted or meta["dtype"] not in _SAFETENSORS_DTYPES:
+                    continue
+                start, end = meta["data_offsets"]
+                f.seek(8 + header_len + start)
+                raw = bytearray(f.read(end - start))
+                tensor = torch.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[meta["dtype"]])
+                found[key] = tensor.to(torch.float32).reshape(meta["shape"])
+    return found if wanted <= found.keys() else None
 
 
 def load_tokenizer(path: str | Path):

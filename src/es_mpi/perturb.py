@@ -19,22 +19,25 @@ class MasterWeights:
     """The trainable state of a run: one fp32 tensor per named parameter of the model."""
 
     def __init__(
-        self, model: nn.Module, eval_dtype: torch.dtype | None = None, noise_cache_bytes: int = 0
+        self,
+        model: nn.Module,
+        master: dict[str, torch.Tensor] | None = None,
+        noise_cache_bytes: int = 0,
     ) -> None:
-        """Take the fp32 master from `model` (loaded in fp32), then cast the model's own
-        parameters, which become the evaluation copy, to `eval_dtype` tensor by tensor."""
+        """`master`: the fp32 base weights by parameter name, or None to copy them from a
+        float32 `model`. The model's own parameters are the evaluation copy."""
         self.model = model
-        self.master: dict[str, torch.Tensor] = {}
-        self.eval_params: dict[str, torch.Tensor] = {}
         # named_parameters() drops tied duplicates (e.g. lm_head tied to the embedding).
-        for name, p in model.named_parameters():
-            if p.dtype != torch.float32:
-                raise ValueError(f"load the model in float32: '{name}' is {p.dtype}")
+        self.eval_params: dict[str, torch.Tensor] = dict(model.named_parameters())
+        self.master: dict[str, torch.Tensor] = {}
+        for name, p in self.eval_params.items():
             p.requires_grad_(False)
-            self.master[name] = p.detach().clone()
-            if eval_dtype is not None and eval_dtype != torch.float32:
-                p.data = p.data.to(eval_dtype)
-            self.eval_params[name] = p
+            if master is not None:
+                self.master[name] = master[name].to(p.device, torch.float32)
+            elif p.dtype == torch.float32:
+                self.master[name] = p.detach().clone()
+            else:
+                raise ValueError(f"master weights must be float32: '{name}' is {p.dtype}")
         self.names = list(self.master)
         self.numel = sum(t.numel() for t in self.master.values())
         device = next(iter(self.master.values())).device
@@ -95,8 +98,9 @@ class MasterWeights:
                 eps = self.noise.fill(self._view(slot, name), member_seed, name)
             if target.dtype == torch.float32:
                 torch.add(master, eps, alpha=sign * sigma, out=target)
-            else:  # round once, from the fp32 sum
-                target.copy_(torch.add(master, eps, alpha=sign * sigma))
+            else:  # round once, from the fp32 sum held in the (idle) accumulator scratch
+                fp32_sum = self._scratch(self._acc_buf, master)
+                target.copy_(torch.add(master, eps, alpha=sign * sigma, out=fp32_sum))
         if slot is not None:
             self._cache[member_seed] = slot
 
