@@ -28,7 +28,9 @@ def test_append_and_read(tmp_path):
     assert data.attrs["config_yaml"] == "seed: 1\n" and data.attrs["model_sha256"] == "abc"
     np.testing.assert_array_equal(data.columns["member_seeds"][2], [20, 21, 22])
     assert data.checksums[1] == f"{1:064x}"
-    assert data.columns["reward_max"][0] == 1.0 and data.columns["time_update"][0] != 0  # nan
+    assert data.columns["reward_max"][0] == 1.0 and data.columns["time_evaluate"][0] == 1.0
+    assert np.isnan(data.columns["time_update"][0])  # not measured: NaN, not 0
+    assert np.all(data.columns["wall_clock"] > 1.7e9)
     with pytest.raises(RunLogError):
         log.append(_record(7))  # out of order
 

@@ -154,6 +154,7 @@ class RunLog:
                 "rewards": record.rewards,
                 "shaped": record.shaped,
                 "checksum": record.checksum.encode(),
+                "wall_clock": time.time(),
                 **{f"time_{k}": v for k, v in record.times.items()},
             }
             for name in (*SCALARS, *MEMBER_COLUMNS, "checksum"):

@@ -73,7 +73,8 @@ class Trainer:
         es = self.cfg.es
         t_start = time.perf_counter()
         population = member_population(self.cfg.seed, iteration, es.population, es.antithetic)
-        members = self.comm.my_members(es.population)
+        # Mirrored pairs stay on one rank, so the second member reuses the first one's noise.
+        members = self.comm.my_members(es.population, group=2 if es.antithetic else 1)
         local_rewards, t_perturb = self.evaluate_members(
             members, population, self.prompt_batch(iteration)
         )
@@ -89,7 +90,6 @@ class Trainer:
             "communicate": t_gathered - t_evaluated,
             "update": t_updated - t_gathered,
             "iteration": time.perf_counter() - t_start,
-            "wall_clock": time.time(),
         }
         return IterationRecord(
             iteration, population.seeds, population.signs, rewards, shaped, checksum, times
