@@ -26,7 +26,7 @@ def small_overrides(model_dir: Path, **extra) -> list[str]:
         "es.alpha": 0.02,
         "task.prompts_per_member": 4,
         "task.max_new_tokens": 3,
-        "task.digits": 1,
+        "task.arithmetic.digits": 1,
         "task.train_size": 50,
         "task.test_size": 10,
         "checkpoint.every": 2,

@@ -77,3 +77,8 @@ def test_cli_existing_run_dir_is_not_overwritten(tiny_model_dir, tmp_path):
         args += ["--set", item]
     _assert_usage_error(run_cli(args), "--run-dir")
     assert (run_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_string_fields_keep_text_yaml_would_read_as_a_mapping():
+    cfg = load_config(None, ["task.countdown.template={context}", "task.name=countdown"])
+    assert cfg.task.countdown.template == "{context}"

@@ -77,33 +77,88 @@ class ESConfig:
 
 
 @dataclass
+class ArithmeticConfig:
+    digits: int = 2
+    """Digits of each operand of 'a+b='."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.digits <= 9, "task.arithmetic.digits", "must be in 1..9")
+
+
+@dataclass
+class MultiplicationConfig:
+    digits_a: int = 2
+    """Digits of the first factor."""
+    digits_b: int = 1
+    """Digits of the second factor."""
+    template: str = "{a}*{b}="
+    """Prompt template with {a} and {b}."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.digits_a <= 9, "task.multiplication.digits_a", "must be in 1..9")
+        _require(1 <= self.digits_b <= 9, "task.multiplication.digits_b", "must be in 1..9")
+
+
+@dataclass
+class CountdownConfig:
+    data_path: str = ""
+    """JSON file in the paper's format (id, context, numbers, target, solution): the first
+    train_size records train, the last test_size records test. Empty: generate problems."""
+    min_numbers: int = 3
+    """Generated problems: fewest numbers per problem."""
+    max_numbers: int = 3
+    """Generated problems: most numbers per problem."""
+    number_max: int = 20
+    """Generated problems: numbers are drawn from 1..number_max."""
+    template: str = "{numbers}={target}<think>"
+    """Prompt template with {numbers} (space-separated), {target} and {context} (the
+    record's own prompt). Use '{context}' for the paper's prompt."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.min_numbers <= 6, "task.countdown.min_numbers", "must be in 1..6")
+        _require(
+            self.min_numbers <= self.max_numbers <= 6,
+            "task.countdown.max_numbers",
+            "must be in min_numbers..6",
+        )
+        _require(self.number_max >= 1, "task.countdown.number_max", "must be >= 1")
+
+
+@dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Reward task: a built-in name (arithmetic) or 'package.module:ClassName'."""
+    """Reward task: a built-in name (arithmetic, multiplication, countdown) or
+    'package.module:ClassName' (a class implementing es_mpi.tasks.Task)."""
     prompts_per_member: int = 32
     """Prompts in the batch every member is scored on (drawn per iteration, same for all)."""
     max_new_tokens: int = 8
     """Greedy decoding length limit per completion."""
-    digits: int = 2
-    """arithmetic: number of digits of each operand."""
     train_size: int = 2000
     """Problems in the training split."""
     test_size: int = 500
     """Problems in the held-out split."""
     data_seed: int = 1234
     """Seed of the generated problems (independent of the run seed)."""
+    eval_every: int = 0
+    """Score the held-out split every this many iterations (0: only before and after)."""
+    eval_batch: int = 128
+    """Prompts per forward pass in held-out evaluation (a fixed shape: rank-count invariant)."""
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    multiplication: MultiplicationConfig = field(default_factory=MultiplicationConfig)
+    countdown: CountdownConfig = field(default_factory=CountdownConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "task.name", "must not be empty")
         _require(self.prompts_per_member >= 1, "task.prompts_per_member", "must be >= 1")
         _require(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
-        _require(1 <= self.digits <= 9, "task.digits", "must be in 1..9")
         _require(
             self.train_size >= self.prompts_per_member,
             "task.train_size",
             "must be >= task.prompts_per_member",
         )
         _require(self.test_size >= 0, "task.test_size", "must be >= 0")
+        _require(self.eval_every >= 0, "task.eval_every", "must be >= 0")
+        _require(self.eval_batch >= 1, "task.eval_batch", "must be >= 1")
 
 
 @dataclass
@@ -194,16 +249,37 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _leaf_type(path: list[str]) -> Any:
+    """The annotated type of a dotted config field, or None if there is no such leaf."""
+    cls: Any = Config
+    for part in path:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        types_ = _field_types(cls)
+        if part not in types_:
+            return None
+        cls = types_[part]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'es.sigma=0.01' -> (['es', 'sigma'], 0.01); the value is parsed as YAML."""
+    """'es.sigma=0.01' -> (['es', 'sigma'], 0.01). The value is parsed as YAML, except that a
+    string field takes the text as written when YAML would read something else ('{x}')."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got '{item}'")
+    path = key.strip().split(".")
+    if _leaf_type(path) is str:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        return path, value if isinstance(value, str) else raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"config field '{key}': cannot parse value {raw!r}") from exc
-    return key.strip().split("."), value
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

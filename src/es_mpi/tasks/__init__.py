@@ -7,8 +7,14 @@ import importlib
 from ..config import ConfigError, TaskConfig
 from .arithmetic import ArithmeticTask
 from .base import Example, Task
+from .countdown import CountdownTask
+from .multiplication import MultiplicationTask
 
-BUILTIN_TASKS = {"arithmetic": ArithmeticTask}
+BUILTIN_TASKS = {
+    "arithmetic": ArithmeticTask,
+    "countdown": CountdownTask,
+    "multiplication": MultiplicationTask,
+}
 
 __all__ = ["BUILTIN_TASKS", "Example", "Task", "make_task"]
 

@@ -26,7 +26,8 @@ class ArithmeticTask:
 
     def __init__(self, cfg: TaskConfig) -> None:
         rng = np.random.default_rng(cfg.data_seed)
-        low, high = 10 ** (cfg.digits - 1) if cfg.digits > 1 else 0, 10**cfg.digits
+        digits = cfg.arithmetic.digits
+        low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits
         total = cfg.train_size + cfg.test_size
         pairs = rng.integers(low, high, size=(total, 2))
         examples = [Example(f"{a}+{b}=", str(a + b)) for a, b in pairs.tolist()]

@@ -1,0 +1,33 @@
+"""Multiplication (the Gemma replication): 'a*b=' -> the exact product, reward 1 or 0."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import TaskConfig
+from .base import Example
+
+
+def _draw(rng: np.random.Generator, digits: int, count: int) -> np.ndarray:
+    low = 10 ** (digits - 1) if digits > 1 else 0
+    return rng.integers(low, 10**digits, size=count)
+
+
+class MultiplicationTask:
+    name = "multiplication"
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        m = cfg.multiplication
+        rng = np.random.default_rng(cfg.data_seed)
+        total = cfg.train_size + cfg.test_size
+        pairs = zip(
+            _draw(rng, m.digits_a, total).tolist(),
+            _draw(rng, m.digits_b, total).tolist(),
+            strict=True,
+        )
+        examples = [Example(m.template.format(a=a, b=b), str(a * b)) for a, b in pairs]
+        self.train = examples[: cfg.train_size]
+        self.test = examples[cfg.train_size :]
+
+    def score(self, completion: str, example: Example) -> float:
+        return 1.0 if completion.strip() == example.answer else 0.0

@@ -1,0 +1,105 @@
+"""Countdown reward on hand-written completions, and the safe evaluator on hostile input."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from es_mpi.config import load_config
+from es_mpi.tasks import make_task
+from es_mpi.tasks.countdown import countdown_reward, generate_problems
+from es_mpi.tasks.safe_arith import evaluate
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "countdown.json"
+NUMS, TARGET = [44, 19, 35], 98.0
+GOOD = "<think>add them</think>\n<answer>(44 + 19) + 35</answer>"
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        (GOOD, 1.1),  # full format + correct
+        ("<answer>44+19+35</answer>", 0.05 + 1.0),  # answer block only
+        ("<think>x</think> <answer>44+19+35</answer>", 0.06 + 1.0),  # not the exact layout
+        ("<think>x</think>\n<answer>44+19+36</answer>", 0.1),  # wrong numbers
+        ("<think>x</think>\n<answer>44+44+35</answer>", 0.1),  # reused number
+        ("<think>x</think>\n<answer>44+19</answer>", 0.1),  # missing number
+        ("<think>x</think>\n<answer>44*19-35</answer>", 0.1),  # right numbers, wrong value
+        ("44+19+35", 0.0),  # missing tags
+        ("<think>x</think>", 0.01),
+        ("<think>x</think>\n<answer>9**9**9</answer>", 0.1),
+        ("<think>x</think>\n<answer>1/0</answer>", 0.1),
+        ("<think>x</think>\n<answer>((44+19)+35</answer>", 0.1),  # unbalanced
+        ("<think>x</think>\n<answer>" + "9" * 10_000 + "</answer>", 0.0),  # overlong: 0
+        ("<think>x</think>\n<answer>__import__('os')</answer>", 0.1),
+        ("<answer>1+1</answer><answer>35+19+44</answer>", 0.05 + 1.0),  # the last answer counts
+    ],
+)
+def test_reward_on_hand_written_completions(completion, expected):
+    assert countdown_reward(completion, NUMS, TARGET) == pytest.approx(expected)
+
+
+def test_prompt_ending_in_think_counts_as_the_opening_tag():
+    completion = "add them</think>\n<answer>44+19+35</answer>"
+    assert countdown_reward(completion, NUMS, TARGET, prefix="<think>") == pytest.approx(1.1)
+    assert countdown_reward(completion, NUMS, TARGET) == pytest.approx(1.05)
+
+
+def test_decimal_target():
+    assert countdown_reward("<answer>(1+1)/5*137</answer>", [1, 1, 5, 137], 54.8) >= 1.0
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "9**9**9",
+        "99**99**99",
+        "1/0",
+        "(" * 5000 + "1" + ")" * 5000,
+        "9" * 10_000,
+        "-" * 100_000 + "1",
+        "1" + "*99999999" * 20,
+        "((((",
+        "1+",
+        "2//3",
+        "1e9",
+        "1.5",
+    ],
+)
+def test_hostile_answers_rejected_fast(hostile):
+    start = time.perf_counter()
+    assert evaluate(hostile) is None
+    reward = countdown_reward(f"<answer>{hostile}</answer>", NUMS, TARGET)
+    assert reward <= 0.05 + 1e-9
+    assert time.perf_counter() - start < 0.01
+
+
+def test_safe_evaluator_values():
+    assert evaluate("(1 + 2) * 3 - 4 / 2") == (7.0, [1, 2, 3, 4, 2])
+    assert evaluate("-3 + 5") == (2.0, [3, 5])
+
+
+def test_generated_problems_have_correct_solutions():
+    for record in generate_problems(200, seed=5, sizes=(3, 4), number_max=20):
+        value, used = evaluate(record["solution"])
+        assert value == float(record["target"]) and sorted(used) == sorted(record["numbers"])
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason="shared Countdown data not present")
+def test_reads_the_paper_format():
+    cfg = load_config(
+        None,
+        [
+            "task.name=countdown",
+            f"task.countdown.data_path={DATA}",
+            "task.train_size=200",
+            "task.test_size=2000",
+            "task.prompts_per_member=8",
+            "task.countdown.template={context}",
+        ],
+    )
+    task = make_task(cfg.task)
+    assert len(task.train) == 200 and len(task.test) == 2000
+    assert task.train[0].prompt.endswith("<think>") and "[44 19 35]" in task.train[0].prompt
+    assert any(e.answer[1] != int(e.answer[1]) for e in task.test)  # decimal targets parsed
+    assert task.score("x</think>\n<answer>44+19+35</answer>", task.train[0]) == pytest.approx(1.1)
