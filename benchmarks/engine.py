@@ -65,6 +65,12 @@ def read_log(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return cols, memory
 
 
+def population(config: Path, overrides: list[str]) -> int:
+    from es_mpi.config import load_config
+
+    return load_config(config, overrides).es.population
+
+
 def fmt(values: list[float], unit: str = "") -> str:
     return f"min {min(values):.3f}{unit} median {statistics.median(values):.3f}{unit}"
 
@@ -82,7 +88,7 @@ def main() -> None:
         f"first iteration of each run skipped"
     )
 
-    shares, speedups, t1s, t2s = [], [], [], []
+    shares, speedups, t1s, t2s, per_member = [], [], [], [], {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             one, _ = read_log(train(Path(tmp) / f"n1-{r}", 1, args.config, overrides))
@@ -94,6 +100,10 @@ def main() -> None:
             t1s.append(t1)
             t2s.append(t2)
             speedups.append(t1 / t2)
+            for ranks, cols in ((1, one), (2, two)):  # generation alone, per member, rank 0
+                members = -(-population(args.config, overrides) // ranks)
+                generate = (cols["time_evaluate"] - cols["time_perturb"]) / members
+                per_member[ranks].append(float(np.median(generate)))
             share = (two["time_perturb"] + two["time_update"]) / two["time_iteration"]
             shares.extend(share.tolist())
         memory = measure_memory(Path(tmp), args.config)
@@ -108,6 +118,11 @@ def main() -> None:
     print("\n2. speed-up of -n 2 over -n 1, median iteration time (target >= 1.85x)")
     print(f"   -n 1: {fmt(t1s, ' s')}; -n 2: {fmt(t2s, ' s')}")
     print(f"   speed-up: {fmt(speedups, 'x')}")
+    slowdown = [b / a for a, b in zip(per_member[1], per_member[2], strict=True)]
+    print(
+        f"   generation time per member, -n 2 / -n 1 (two ranks sharing the machine): "
+        f"{fmt(slowdown, 'x')}"
+    )
     print("\n3. peak RSS per rank above the pre-model baseline / fp32 model size (target <= 1.6x)")
     for label, mem in memory.items():
         size = mem["master_fp32_bytes"]

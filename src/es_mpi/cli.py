@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--run-dir", type=Path, required=True)
     rp.add_argument("--out", type=Path, required=True, help="HF directory to write")
 
+    e = sub.add_parser("eval", help="held-out accuracy/reward of a model (rank-parallel)")
+    e.add_argument("--model", type=Path, required=True, help="HF directory, e.g. RUN_DIR/final")
+    e.add_argument("--task", help="shortcut for --set task.name=TASK")
+    e.add_argument("--config", type=Path, help="YAML config for the task settings")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+
     i = sub.add_parser("inspect", help="summary of a run")
     i.add_argument("--run-dir", type=Path, required=True)
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -64,10 +71,30 @@ def _run(args: argparse.Namespace, comm) -> None:
     from .config import load_config
 
     # The config is checked before the heavy imports, so bad input fails in a fraction of a second.
-    cfg = load_config(args.config, args.set) if args.command == "train" else None
+    cfg = None
+    if args.command == "train":
+        cfg = load_config(args.config, args.set)
+    elif args.command == "eval":
+        task = [f"task.name={args.task}"] if args.task else []
+        cfg = load_config(args.config, [*args.set, *task, f"model.path={args.model}"])
     from . import session
 
-    if args.command == "train":
+    if args.command == "eval":
+        score = session.evaluate_model(cfg, comm)
+        if comm.is_main:
+            result = {
+                "model": str(args.model),
+                "task": cfg.task.name,
+                "prompts": cfg.task.test_size,
+                **vars(score),
+            }
+            print(
+                json.dumps(result)
+                if args.json
+                else f"{args.model}: {cfg.task.name} held-out accuracy {100 * score.accuracy:.1f}% "
+                f"reward {score.reward:.4f} ({cfg.task.test_size} prompts, {comm.size} ranks)"
+            )
+    elif args.command == "train":
         session.start_run(cfg, args.run_dir, args.overwrite, comm)
     elif args.command == "resume":
         session.resume_run(args.run_dir, args.iterations, comm)

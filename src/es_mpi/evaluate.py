@@ -66,3 +66,33 @@ class Evaluator:
             [self.task.score(t, e) for t, e in zip(texts, batch.examples, strict=True)],
             dtype=np.float64,
         )
+
+
+@dataclass
+class HeldoutScore:
+    reward: float
+    """Mean reward over the held-out split."""
+    accuracy: float
+    """Share of held-out prompts whose reward is at least 1 (a fully correct answer)."""
+
+
+def heldout_score(
+    evaluator: Evaluator, examples: list[Example], comm, batch_size: int
+) -> HeldoutScore:
+    """Score the model as it is on every example, batches dealt to ranks, rewards allgathered.
+
+    Batches are consecutive runs of `batch_size` examples whatever the rank count, so every
+    prompt is decoded in the same batch shape (DESIGN.md, invariant 1).
+    """
+    if not examples:
+        return HeldoutScore(float("nan"), float("nan"))
+    n_batches = -(-len(examples) // batch_size)
+    local = []
+    for b in comm.my_members(n_batches):
+        chunk = examples[b * batch_size : (b + 1) * batch_size]
+        local.append((b, evaluator.rewards(evaluator.encode(chunk)).tolist()))
+    rewards = np.empty(len(examples))
+    for part in comm.allgather(local):
+        for b, values in part:
+            rewards[b * batch_size : b * batch_size + len(values)] = values
+    return HeldoutScore(float(rewards.mean()), float((rewards >= 1.0).mean()))

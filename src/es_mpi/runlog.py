@@ -32,6 +32,8 @@ SCALARS = {
     "time_iteration": "f8",
     "wall_clock": "f8",
 }
+# Held-out evaluations (own counter): after how many iterations, and the scores.
+HELDOUT = {"heldout_iteration": "i8", "heldout_reward": "f8", "heldout_accuracy": "f8"}
 # Per-iteration, per-member columns.
 MEMBER_COLUMNS = {"member_seeds": "i8", "member_signs": "i1", "rewards": "f8", "shaped": "f8"}
 
@@ -62,6 +64,7 @@ class LogData:
     attrs: dict
     columns: dict[str, np.ndarray]
     checksums: list[str]
+    heldout: dict[str, np.ndarray]
 
     @property
     def iterations_done(self) -> int:
@@ -96,11 +99,12 @@ class RunLog:
                     "model_sha256": model_sha256,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "iterations_done": 0,
+                    "heldout_done": 0,
                     "sessions": json.dumps([]),
                     **(extra_attrs or {}),
                 }
             )
-            for name, dtype in SCALARS.items():
+            for name, dtype in {**SCALARS, **HELDOUT}.items():
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
             for name, dtype in MEMBER_COLUMNS.items():
                 f.create_dataset(
@@ -133,11 +137,13 @@ class RunLog:
                 }
                 columns = {name: f[name][:done] for name in (*SCALARS, *MEMBER_COLUMNS)}
                 checksums = [c.decode() for c in f["checksum"][:done]]
+                n_heldout = int(f.attrs["heldout_done"])
+                heldout = {name: f[name][:n_heldout] for name in HELDOUT}
             except (KeyError, OSError, ValueError) as exc:
                 raise RunLogError(f"run log '{self.path}' is damaged: {exc}") from exc
         if any(len(col) != done for col in columns.values()) or len(checksums) != done:
             raise RunLogError(f"run log '{self.path}' is truncated below iterations_done={done}")
-        return LogData(attrs, columns, checksums)
+        return LogData(attrs, columns, checksums, heldout)
 
     def append(self, record: IterationRecord) -> None:
         with self._open("a") as f:
@@ -165,6 +171,21 @@ class RunLog:
             f.attrs["iterations_done"] = n + 1  # the commit point of this row
             f.flush()
 
+    def append_heldout(self, iterations_done: int, reward: float, accuracy: float) -> None:
+        with self._open("a") as f:
+            n = int(f.attrs["heldout_done"])
+            row = {
+                "heldout_iteration": iterations_done,
+                "heldout_reward": reward,
+                "heldout_accuracy": accuracy,
+            }
+            for name, value in row.items():
+                f[name].resize(n + 1, axis=0)
+                f[name][n] = value
+            f.flush()
+            f.attrs["heldout_done"] = n + 1
+            f.flush()
+
     def truncate_to_committed(self) -> int:
         """Cut rows of a torn append; returns the number of committed iterations."""
         with self._open("a") as f:
@@ -172,6 +193,9 @@ class RunLog:
             for name in (*SCALARS, *MEMBER_COLUMNS, "checksum"):
                 if f[name].shape[0] != n:
                     f[name].resize(n, axis=0)
+            n_heldout = int(f.attrs["heldout_done"])
+            for name in HELDOUT:
+                f[name].resize(n_heldout, axis=0)
             return n
 
     def add_session(self, info: dict) -> None:

@@ -19,6 +19,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, replace_dir
 from .comm import Comm
 from .config import Config, ConfigError, config_from_dict
 from .engine import Engine
+from .evaluate import Evaluator, HeldoutScore, heldout_score
 from .modelio import check_model_dir, model_sha256, save_hf_dir
 from .perturb import MasterWeights, weights_checksum
 from .runlog import LOG_NAME, LogData, ReplayMismatch, RunLog, RunLogError
@@ -68,6 +69,15 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
         log.add_session({"command": "train", "start": 0, "ranks": comm.size, "time": time.time()})
     Trainer(engine, make_task(cfg.task), run_dir, log).run(start=0)
     return engine.weights
+
+
+def evaluate_model(cfg: Config, comm: Comm) -> HeldoutScore:
+    """Held-out score of the model at cfg.model.path on cfg.task (no training)."""
+    checked_on_main(comm, lambda: (check_model_dir(cfg.model.path), make_task(cfg.task)) and None)
+    task = make_task(cfg.task)
+    engine = Engine.load(cfg, comm)
+    evaluator = Evaluator(engine.model, engine.tokenizer, task, cfg.task.max_new_tokens)
+    return heldout_score(evaluator, task.test, comm, cfg.task.eval_batch)
 
 
 def read_run(run_dir: Path, truncate: bool) -> tuple[Config, LogData, Path]:

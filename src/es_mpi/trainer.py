@@ -11,7 +11,7 @@ import numpy as np
 
 from .checkpoint import replace_dir, save_checkpoint
 from .engine import Engine, peak_rss_bytes
-from .evaluate import Evaluator, PromptBatch
+from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
 from .modelio import save_hf_dir
 from .perturb import MasterWeights
 from .runlog import IterationRecord, RunLog
@@ -103,13 +103,34 @@ class Trainer:
                 f"{self.weights.numel:,} parameters, iterations {start}..{total}",
                 flush=True,
             )
+        if start == 0:
+            self.evaluate_heldout(0)
         for iteration in range(start, total):
             record = self.step(iteration)
             if self.comm.is_main:
                 self.log.append(record)
                 self.report(record, total)
                 self.maybe_checkpoint(iteration + 1, record.checksum)
+            every = self.cfg.task.eval_every
+            if every and (iteration + 1) % every == 0 and iteration + 1 < total:
+                self.evaluate_heldout(iteration + 1)
+        self.evaluate_heldout(total)
         self.finish()
+
+    def evaluate_heldout(self, iterations_done: int) -> HeldoutScore:
+        """Score the unperturbed master on the held-out split; rank 0 logs and prints it."""
+        t0 = time.perf_counter()
+        self.weights.load_master()
+        score = heldout_score(self.evaluator, self.task.test, self.comm, self.cfg.task.eval_batch)
+        if self.comm.is_main:
+            self.log.append_heldout(iterations_done, score.reward, score.accuracy)
+            print(
+                f"[es-mpi] held-out after {iterations_done} iterations: accuracy "
+                f"{100 * score.accuracy:.1f}% reward {score.reward:.4f} "
+                f"({len(self.task.test)} prompts, {time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
+        return score
 
     def report(self, record: IterationRecord, total: int) -> None:
         t = record.times
