@@ -113,7 +113,8 @@ def main() -> None:
     print(
         f"   update alone: median {1000 * float(np.median(two['time_update'])):.1f} ms, "
         f"materialise (own members): median {1000 * float(np.median(two['time_perturb'])):.1f} ms, "
-        f"iteration median {1000 * t2s[-1]:.1f} ms"
+        f"iteration median {1000 * t2s[-1]:.1f} ms, waiting in the allgather (rank 0) "
+        f"median {1000 * float(np.median(two['time_communicate'])):.1f} ms"
     )
     print("\n2. speed-up of -n 2 over -n 1, median iteration time (target >= 1.85x)")
     print(f"   -n 1: {fmt(t1s, ' s')}; -n 2: {fmt(t2s, ' s')}")
@@ -137,6 +138,8 @@ def measure_memory(tmp: Path, config: Path) -> dict[str, dict]:
 
     model = build_tiny_llama(tmp / "model-27m", hidden=512, layers=8, heads=8)
     small = [
+        "task.eval_batch=8",
+        "task.test_size=8",
         f"model.path={model}",
         "es.iterations=2",
         "es.population=4",

@@ -1,8 +1,8 @@
 """Config parsing and validation; bad CLI input exits 2 with a one-line error naming the field."""
 
 import pytest
-from conftest import run_cli, small_overrides
 
+from conftest import run_cli, small_overrides
 from es_mpi.config import Config, ConfigError, describe_fields, load_config
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import h5py
 import pytest
-from conftest import MPIEXEC, ROOT, run_cli, small_overrides
 from safetensors.torch import load_file
 
+from conftest import MPIEXEC, ROOT, run_cli, small_overrides
 from es_mpi.perturb import weights_checksum
 
 pytestmark = pytest.mark.slow

@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--run-dir", type=Path, required=True)
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
+    pt = sub.add_parser("pretrain", help="pretrain the tiny base model on generated Countdown")
+    pt.add_argument("--out", type=Path, required=True)
+    for name, default in (
+        ("steps", 1500),
+        ("batch", 64),
+        ("seed", 0),
+        ("hidden", 128),
+        ("layers", 4),
+        ("heads", 4),
+        ("threads", 2),
+    ):
+        pt.add_argument(f"--{name}", type=int, default=default)
+    pt.add_argument("--lr", type=float, default=3e-3)
+    pt.add_argument("--config", default="configs/default.yaml", help="task settings")
+
     m = sub.add_parser("init-model", help="build the tiny random Llama + char tokenizer")
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--hidden", type=int, default=128)
@@ -127,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
 
         out = build_tiny_llama(args.out, args.hidden, args.layers, args.heads, args.seed)
         print(f"tiny model written to {out}")
+        return 0
+    if args.command == "pretrain":
+        from .pretrain import PretrainArgs, pretrain
+
+        fields = {k: v for k, v in vars(args).items() if k != "command"}
+        pretrain(PretrainArgs(**{**fields, "out": str(args.out)}))
         return 0
     if args.command == "inspect":
         try:

@@ -30,10 +30,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_llama(
-    out: str | Path, hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0
-) -> Path:
-    """Randomly initialised tiny Llama, deterministic from `seed`, saved as an HF directory."""
+def tiny_llama(
+    hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A randomly initialised tiny Llama and its char tokenizer, deterministic from `seed`."""
     tokenizer = char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -49,7 +49,14 @@ def build_tiny_llama(
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def build_tiny_llama(
+    out: str | Path, hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0
+) -> Path:
+    """`tiny_llama(...)` saved as an HF directory."""
+    model, tokenizer = tiny_llama(hidden, layers, heads, seed)
     out = Path(out)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))

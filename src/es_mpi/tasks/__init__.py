@@ -33,7 +33,10 @@ def make_task(cfg: TaskConfig) -> Task:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"config field 'task.name': cannot import '{cfg.name}': {exc}") from exc
-    task = cls(cfg)
+    try:
+        task = cls(cfg)
+    except Exception as exc:  # a plug-in that cannot be built from the task config
+        raise ConfigError(f"config field 'task.name': '{cfg.name}' failed to start: {exc}") from exc
     if not isinstance(task, Task):
         raise ConfigError(
             f"config field 'task.name': '{cfg.name}' does not implement the Task protocol "

@@ -1,0 +1,118 @@
+"""Supervised pretraining of the shipped tiny base model on generated Countdown problems.
+
+Deterministic from its seed (fixed steps, threads and batch shapes). Stopped early on purpose:
+the base should solve some problems but leave ES room to improve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .comm import Comm
+from .config import Config, load_config
+from .engine import set_threads
+from .evaluate import Evaluator, heldout_score
+from .tasks.countdown import CountdownTask, generate_problems
+from .tiny_model import tiny_llama
+
+ANSWER_FORMAT = "</think>\n<answer>{solution}</answer>"
+
+
+@dataclass
+class PretrainArgs:
+    out: str
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    threads: int = 2
+    config: str = "configs/default.yaml"
+    """Task settings (template, number ranges, held-out split) come from this config."""
+
+
+def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
+    """Right-padded ids with labels on the completion (and its end token) only."""
+    rows, labels = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(p + c)
+        labels.append([-100] * len(p) + c)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask, lab
+
+
+def pretrain(args: PretrainArgs) -> dict:
+    set_threads(args.threads)
+    cfg: Config = load_config(args.config, ["task.name=countdown"])
+    task = CountdownTask(cfg.task)
+    held_out = {(tuple(sorted(e.answer[0])), e.answer[1]) for e in task.test}
+    c = cfg.task.countdown
+    problems = [
+        p
+        for p in generate_problems(
+            args.steps * args.batch * 2, args.seed + 1, (c.min_numbers, c.max_numbers), c.number_max
+        )
+        if (tuple(sorted(p["numbers"])), float(p["target"])) not in held_out
+    ][: args.steps * args.batch]
+    model, tokenizer = tiny_llama(args.hidden, args.layers, args.heads, args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 1 - s / args.steps)
+    )
+    start = time.perf_counter()
+    model.train()
+    for step in range(args.steps):
+        chunk = problems[step * args.batch : (step + 1) * args.batch]
+        ids, mask, labels = _batch_tensors(
+            tokenizer,
+            [task.example(p).prompt for p in chunk],
+            [ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
+        )
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            print(
+                f"[pretrain] step {step + 1}/{args.steps} loss {loss.item():.4f} "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
+    model.eval()
+    tokenizer.padding_side = "left"
+    evaluator = Evaluator(model, tokenizer, task, cfg.task.max_new_tokens)
+    score = heldout_score(evaluator, task.test, Comm.serial(), cfg.task.eval_batch)
+    out = Path(args.out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    record = {
+        "args": asdict(args),
+        "final_loss": loss.item(),
+        "seconds": time.perf_counter() - start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_accuracy": score.accuracy,
+        "heldout_reward": score.reward,
+        "heldout_prompts": len(task.test),
+    }
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2))
+    print(
+        f"[pretrain] held-out accuracy {100 * score.accuracy:.1f}% reward {score.reward:.4f} "
+        f"on {len(task.test)} problems; model in {out}",
+        flush=True,
+    )
+    return record

@@ -1,0 +1,133 @@
+"""Built-in tasks, plug-in tasks, held-out scoring, pretraining and the eval command."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from es_mpi.config import ConfigError, load_config
+from es_mpi.tasks import make_task
+from es_mpi.tasks.arithmetic import partial_match
+
+
+def test_arithmetic_partial_credit():
+    assert partial_match(" 57 ", "57") == 1.0
+    assert partial_match("58", "57") == 0.25  # one of two characters right, halved
+    assert partial_match("", "57") == 0.0
+
+
+def test_multiplication_exact_product():
+    cfg = load_config(None, ["task.name=multiplication", "task.multiplication.digits_a=3"])
+    task = make_task(cfg.task)
+    example = task.train[0]
+    a, b = (int(x) for x in example.prompt.rstrip("=").split("*"))
+    assert 100 <= a <= 999 and 0 <= b <= 9
+    assert task.score(str(a * b), example) == 1.0
+    assert task.score(str(a * b + 1), example) == 0.0
+
+
+def test_splits_are_disjoint_and_sized():
+    cfg = load_config(None, ["task.name=countdown", "task.train_size=300", "task.test_size=50"])
+    task = make_task(cfg.task)
+    assert (len(task.train), len(task.test)) == (300, 50)
+    assert task.train[0].prompt.endswith("<think>")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nosuchtask", "unknown task"),
+        ("no_such_module_xyz:Task", "cannot import"),
+        ("es_mpi.tasks.base:Example", "failed to start"),
+        ("types:SimpleNamespace", "failed to start"),
+    ],
+)
+def test_plugin_errors_name_the_field(name, message):
+    cfg = load_config(None, [f"task.name={name}"])
+    with pytest.raises(ConfigError, match=f"'task.name'.*{message}"):
+        make_task(cfg.task)
+
+
+def test_plugin_without_the_protocol(tmp_path, monkeypatch):
+    (tmp_path / "notask.py").write_text(
+        "class NoTask:\n    def __init__(self, cfg):\n        pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="does not implement the Task protocol"):
+        make_task(load_config(None, ["task.name=notask:NoTask"]).task)
+
+
+def test_plugin_task_is_used(tmp_path, monkeypatch):
+    (tmp_path / "mytask.py").write_text(
+        "from es_mpi.tasks.base import Example\n"
+        "class Echo:\n"
+        "    name = 'echo'\n"
+        "    def __init__(self, cfg):\n"
+        "        self.train = [Example('1=', '1')] * cfg.train_size\n"
+        "        self.test = [Example('2=', '2')]\n"
+        "    def score(self, completion, example):\n"
+        "        return float(completion == example.answer)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = make_task(load_config(None, ["task.name=mytask:Echo"]).task)
+    assert task.name == "echo" and task.score("2", task.test[0]) == 1.0
+
+
+@pytest.mark.slow
+def test_eval_command_same_score_on_one_and_two_ranks(tiny_model_dir):
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "arithmetic",
+        "--json",
+        "--set",
+        "task.test_size=20",
+        "--set",
+        "task.eval_batch=6",
+        "--set",
+        "task.max_new_tokens=3",
+    ]
+    one, two = run_cli(args), run_cli(args, ranks=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a, b = (
+        json.loads(one.stdout.strip().splitlines()[-1]),
+        json.loads(two.stdout.strip().splitlines()[-1]),
+    )
+    assert a["prompts"] == 20 and a["reward"] == b["reward"] and a["accuracy"] == b["accuracy"]
+
+
+@pytest.mark.slow
+def test_pretrain_writes_a_loadable_model(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "task:\n  name: countdown\n  test_size: 8\n  eval_batch: 8\n"
+        "  max_new_tokens: 8\n  prompts_per_member: 8\n"
+    )
+    out = tmp_path / "model"
+    result = run_cli(
+        [
+            "pretrain",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch",
+            "4",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--config",
+            str(config),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["args"]["steps"] == 3 and record["heldout_prompts"] == 8
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))
