@@ -130,3 +130,24 @@ def test_failure_on_one_rank_aborts_the_job(tiny_model_dir, tmp_path):
     assert result.returncode != 0
     assert "rank 1 failed" in result.stderr and "boom on rank 1" in result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_dir, tmp_path):
+    """Per-tensor sigma scales come from the log, so replay repeats them; 2 ranks agree."""
+    extra = {
+        "es.sigma_scale": "per_tensor_std",
+        "es.antithetic": "true",
+        "es.population": 6,
+        "es.sigma": 0.5,
+        "es.alpha": 0.2,
+        "es.shaping": "centered_rank",
+    }
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(_train_args(one, tiny_model_dir, **extra)).returncode == 0
+    assert run_cli(_train_args(two, tiny_model_dir, **extra), ranks=2).returncode == 0
+    assert _final_sha(one) == _final_sha(two)
+    result = run_cli(["replay", "--run-dir", str(two), "--out", str(tmp_path / "replayed")])
+    assert result.returncode == 0, result.stderr
+    assert weights_checksum(
+        load_file(str(tmp_path / "replayed" / "model.safetensors"))
+    ) == _final_sha(two)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -95,3 +96,21 @@ def test_noise_cache_changes_nothing_but_speed():
         results.append(weights.checksum())
         assert not weights._cache  # emptied by the update
     assert results[0] == results[1] == results[2]
+
+
+def test_per_tensor_scale_multiplies_sigma_and_alpha():
+    from es_mpi.perturb import per_tensor_std
+
+    model = TwoTensors()
+    weights = MasterWeights(model)
+    weights.scales = per_tensor_std(weights.master)
+    assert weights.scales["a"] == pytest.approx(float(torch.tensor([1.0, 2, 3, 4]).double().std()))
+    weights.materialise(member_seed=5, sign=1, sigma=0.1)
+    eps_a = NoiseSource().sample(5, "a", (2, 2), "cpu")
+    torch.testing.assert_close(
+        model.a.data, weights.master["a"] + 0.1 * weights.scales["a"] * eps_a
+    )
+    before = weights.master["b"].clone()
+    weights.apply_update([(5, 0.5)])
+    eps_b = NoiseSource().sample(5, "b", (3,), "cpu")
+    torch.testing.assert_close(weights.master["b"], before + weights.scales["b"] * 0.5 * eps_b)

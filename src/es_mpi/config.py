@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 SHAPINGS = ("zscore", "centered_rank")
+SIGMA_SCALES = ("none", "per_tensor_std")
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,6 +56,9 @@ class ESConfig:
     """Total number of iterations of the run (resume continues up to this number)."""
     shaping: str = "zscore"
     """Fitness shaping of the N rewards: zscore (Qiu et al.) or centered_rank (Salimans et al.)."""
+    sigma_scale: str = "none"
+    """none: one sigma for all tensors. per_tensor_std: sigma and alpha of each tensor are
+    multiplied by that tensor's weight std in the base model (stored in the run log)."""
     antithetic: bool = False
     """Mirrored pairs: members 2k and 2k+1 share a seed with noise +eps and -eps."""
     noise_cache_mb: int = 256
@@ -69,6 +73,7 @@ class ESConfig:
         _require(self.iterations >= 0, "es.iterations", "must be >= 0")
         _require(self.noise_cache_mb >= 0, "es.noise_cache_mb", "must be >= 0")
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
+        _require(self.sigma_scale in SIGMA_SCALES, "es.sigma_scale", f"one of {SIGMA_SCALES}")
         _require(
             not self.antithetic or self.population % 2 == 0,
             "es.population",

@@ -39,6 +39,8 @@ class MasterWeights:
             else:
                 raise ValueError(f"master weights must be float32: '{name}' is {p.dtype}")
         self.names = list(self.master)
+        # Per-tensor multiplier of sigma and alpha (es.sigma_scale); 1.0 = plain ES.
+        self.scales: dict[str, float] = dict.fromkeys(self.names, 1.0)
         self.numel = sum(t.numel() for t in self.master.values())
         device = next(iter(self.master.values())).device
         self.noise = NoiseSource(device)
@@ -96,11 +98,12 @@ class MasterWeights:
                 eps = self._noise(member_seed, name)
             else:
                 eps = self.noise.fill(self._view(slot, name), member_seed, name)
+            step = sign * sigma * self.scales[name]
             if target.dtype == torch.float32:
-                torch.add(master, eps, alpha=sign * sigma, out=target)
+                torch.add(master, eps, alpha=step, out=target)
             else:  # round once, from the fp32 sum held in the (idle) accumulator scratch
                 fp32_sum = self._scratch(self._acc_buf, master)
-                target.copy_(torch.add(master, eps, alpha=sign * sigma, out=fp32_sum))
+                target.copy_(torch.add(master, eps, alpha=step, out=fp32_sum))
         if slot is not None:
             self._cache[member_seed] = slot
 
@@ -110,13 +113,13 @@ class MasterWeights:
             self.eval_params[name].copy_(self.master[name])
 
     def apply_update(self, coefficients: list[tuple[int, float]]) -> None:
-        """master += sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in the given order."""
+        """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order."""
         for name in self.names if coefficients else []:
             master = self.master[name]
             acc = self._scratch(self._acc_buf, master).zero_()
             for seed, coef in coefficients:
                 acc.add_(self._noise(seed, name), alpha=coef)
-            master.add_(acc)
+            master.add_(acc, alpha=self.scales[name])
         self.clear_noise_cache()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -131,6 +134,14 @@ class MasterWeights:
 
     def checksum(self) -> str:
         return weights_checksum(self.master)
+
+
+def per_tensor_std(master: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each tensor's weight std (float64): sigma and alpha scales for es.sigma_scale."""
+    return {
+        name: float(t.double().std()) if t.numel() > 1 else float(t.double().abs().sum())
+        for name, t in master.items()
+    }
 
 
 def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -6,6 +6,7 @@ input ends every rank with the same one-line error and nothing overwritten (inva
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from .config import Config, ConfigError, config_from_dict
 from .engine import Engine
 from .evaluate import Evaluator, HeldoutScore, heldout_score
 from .modelio import check_model_dir, model_sha256, save_hf_dir
-from .perturb import MasterWeights, weights_checksum
+from .perturb import MasterWeights, per_tensor_std, weights_checksum
 from .runlog import LOG_NAME, LogData, ReplayMismatch, RunLog, RunLogError
 from .strategy import Population
 from .tasks import make_task
@@ -64,8 +65,11 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
 
     checked_on_main(comm, prepare)
     engine = Engine.load(cfg, comm)
+    if cfg.es.sigma_scale == "per_tensor_std":
+        engine.weights.scales = per_tensor_std(engine.weights.master)
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
     if log is not None:
+        log.set_attrs(sigma_scales=json.dumps(engine.weights.scales))
         log.add_session({"command": "train", "start": 0, "ranks": comm.size, "time": time.time()})
     Trainer(engine, make_task(cfg.task), run_dir, log).run(start=0)
     return engine.weights
@@ -99,6 +103,11 @@ def read_run(run_dir: Path, truncate: bool) -> tuple[Config, LogData, Path]:
             "run (sha256 of its weights differs from the log)"
         )
     return cfg, data, model_dir
+
+
+def logged_scales(data: LogData) -> dict[str, float]:
+    """The per-tensor sigma/alpha scales the run started with (replay must use the same)."""
+    return json.loads(data.attrs["sigma_scales"])
 
 
 def replay_rows(
@@ -146,6 +155,7 @@ def resume_run(run_dir: Path, iterations: int | None, comm: Comm) -> MasterWeigh
 
     cfg, data, model_dir = checked_on_main(comm, prepare)
     engine = Engine.load(cfg, comm, model_path=model_dir)
+    engine.weights.scales = logged_scales(data)
     from_checkpoint = restore_master(engine.weights, cfg, data, run_dir)
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
     if log is not None:
@@ -172,6 +182,7 @@ def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
     """Rebuild the weights from the base model and the log alone; check every checksum."""
     cfg, data, model_dir = checked_on_main(comm, lambda: read_run(run_dir, truncate=False))
     engine = Engine.load(cfg, comm, model_path=model_dir)
+    engine.weights.scales = logged_scales(data)
     replay_rows(engine.weights, cfg, data, 0, data.iterations_done, verify_each=True)
     if comm.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
