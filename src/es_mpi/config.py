@@ -173,10 +173,14 @@ class RuntimeConfig:
     with the thread count, so it is never derived from the rank count (DESIGN.md, invariant 1)."""
     device: str = "auto"
     """auto (cuda:(local_rank % n_gpus) when CUDA is present, else cpu), cpu or cuda."""
+    time_limit_minutes: float = 0.0
+    """Stop cleanly after the iteration during which this much wall time of the session has
+    passed (0: no limit); the run can be resumed. Rank 0's clock decides for all ranks."""
 
     def __post_init__(self) -> None:
         _require(self.threads >= 1, "runtime.threads", "must be >= 1")
         _require(self.device in DEVICES, "runtime.device", f"one of {DEVICES}")
+        _require(self.time_limit_minutes >= 0, "runtime.time_limit_minutes", "must be >= 0")
 
 
 @dataclass

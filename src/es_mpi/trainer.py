@@ -105,17 +105,28 @@ class Trainer:
             )
         if start == 0:
             self.evaluate_heldout(0)
-        for iteration in range(start, total):
-            record = self.step(iteration)
+        session_start = time.monotonic()
+        done = start
+        while done < total and not self.time_is_up(session_start):
+            record = self.step(done)
+            done += 1
             if self.comm.is_main:
                 self.log.append(record)
                 self.report(record, total)
-                self.maybe_checkpoint(iteration + 1, record.checksum)
+                self.maybe_checkpoint(done, record.checksum)
             every = self.cfg.task.eval_every
-            if every and (iteration + 1) % every == 0 and iteration + 1 < total:
-                self.evaluate_heldout(iteration + 1)
-        self.evaluate_heldout(total)
+            if every and done % every == 0 and done < total:
+                self.evaluate_heldout(done)
+        self.evaluate_heldout(done)
         self.finish()
+
+    def time_is_up(self, session_start: float) -> bool:
+        """Rank 0 decides (one clock), every rank stops after the same iteration."""
+        limit = self.cfg.runtime.time_limit_minutes
+        if not limit:
+            return False
+        up = time.monotonic() - session_start >= 60 * limit
+        return bool(self.comm.bcast(up))
 
     def evaluate_heldout(self, iterations_done: int) -> HeldoutScore:
         """Score the unperturbed master on the held-out split; rank 0 logs and prints it."""
