@@ -103,3 +103,11 @@ def test_reads_the_paper_format():
     assert task.train[0].prompt.endswith("<think>") and "[44 19 35]" in task.train[0].prompt
     assert any(e.answer[1] != int(e.answer[1]) for e in task.test)  # decimal targets parsed
     assert task.score("x</think>\n<answer>44+19+35</answer>", task.train[0]) == pytest.approx(1.1)
+
+
+def test_partial_credit_for_the_right_numbers_only():
+    wrong_value = "<think>x</think>\n<answer>44*19-35</answer>"
+    wrong_numbers = "<think>x</think>\n<answer>44+19+36</answer>"
+    assert countdown_reward(wrong_value, NUMS, TARGET, partial=0.3) == pytest.approx(0.4)
+    assert countdown_reward(wrong_numbers, NUMS, TARGET, partial=0.3) == pytest.approx(0.1)
+    assert countdown_reward(GOOD, NUMS, TARGET, partial=0.3) == pytest.approx(1.1)

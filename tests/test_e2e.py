@@ -151,3 +151,22 @@ def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_d
     assert weights_checksum(
         load_file(str(tmp_path / "replayed" / "model.safetensors"))
     ) == _final_sha(two)
+
+
+def test_time_limit_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    limited = _train_args(run_dir, tiny_model_dir, **{"runtime.time_limit_minutes": 0.0001})
+    result = run_cli(limited, ranks=2)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert int(f.attrs["iterations_done"]) == 1  # the limit is checked after each iteration
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert run_cli(["resume", "--run-dir", str(run_dir)]).returncode == 0  # the limit holds
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert int(f.attrs["iterations_done"]) == 2
+    lifted = ["resume", "--run-dir", str(run_dir), "--set", "runtime.time_limit_minutes=0"]
+    assert run_cli(lifted).returncode == 0
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert int(f.attrs["iterations_done"]) == 4
+    refused = run_cli(["resume", "--run-dir", str(run_dir), "--set", "es.sigma=1"])
+    assert refused.returncode == 2 and "es.sigma" in refused.stderr

@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="continue a run from its log (iteration counter continues)")
     r.add_argument("--run-dir", type=Path, required=True)
     r.add_argument("--iterations", type=int, help="total iterations the run should reach")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a field that does not alter results, e.g. "
+        "runtime.time_limit_minutes=50 (repeatable)",
+    )
 
     rp = sub.add_parser("replay", help="rebuild weights from base model + log, check checksums")
     rp.add_argument("--run-dir", type=Path, required=True)
@@ -112,7 +120,7 @@ def _run(args: argparse.Namespace, comm) -> None:
     elif args.command == "train":
         session.start_run(cfg, args.run_dir, args.overwrite, comm)
     elif args.command == "resume":
-        session.resume_run(args.run_dir, args.iterations, comm)
+        session.resume_run(args.run_dir, args.iterations, comm, args.set)
     elif args.command == "replay":
         session.replay_run(args.run_dir, args.out, comm)
 

@@ -118,6 +118,9 @@ class CountdownConfig:
     template: str = "{numbers}={target}<think>"
     """Prompt template with {numbers} (space-separated), {target} and {context} (the
     record's own prompt). Use '{context}' for the paper's prompt."""
+    partial_credit: float = 0.0
+    """Answer reward for an expression that uses exactly the given numbers but misses the
+    target (0: the paper's reward). Held-out accuracy counts right answers only."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.min_numbers <= 6, "task.countdown.min_numbers", "must be in 1..6")
@@ -127,6 +130,7 @@ class CountdownConfig:
             "must be in min_numbers..6",
         )
         _require(self.number_max >= 1, "task.countdown.number_max", "must be >= 1")
+        _require(0 <= self.partial_credit < 1, "task.countdown.partial_credit", "must be in [0, 1)")
 
 
 @dataclass
@@ -302,6 +306,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[path[-1]] = value
     return data
+
+
+# Fields a resume may change: they do not alter the weights a run produces.
+RESUME_SETTABLE = (
+    "es.iterations",
+    "es.noise_cache_mb",
+    "runtime.time_limit_minutes",
+    "runtime.device",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "task.eval_every",
+)
+
+
+def apply_resume_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """The logged config with the few fields a resume may change, re-validated."""
+    for item in overrides:
+        path, _ = parse_override(item)
+        if ".".join(path) not in RESUME_SETTABLE:
+            raise ConfigError(
+                f"config field '{'.'.join(path)}' cannot be changed on resume "
+                f"(allowed: {', '.join(RESUME_SETTABLE)})"
+            )
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

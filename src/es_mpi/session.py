@@ -18,7 +18,7 @@ import yaml
 
 from .checkpoint import list_checkpoints, load_checkpoint, replace_dir
 from .comm import Comm
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError, apply_resume_overrides, config_from_dict
 from .engine import Engine
 from .evaluate import Evaluator, HeldoutScore, heldout_score
 from .modelio import check_model_dir, model_sha256, save_hf_dir
@@ -141,9 +141,12 @@ def restore_master(weights: MasterWeights, cfg: Config, data: LogData, run_dir: 
     return start
 
 
-def resume_run(run_dir: Path, iterations: int | None, comm: Comm) -> MasterWeights:
+def resume_run(
+    run_dir: Path, iterations: int | None, comm: Comm, overrides: list[str] | None = None
+) -> MasterWeights:
     def prepare() -> tuple[Config, LogData, str]:
         cfg, data, model_dir = read_run(run_dir, truncate=True)
+        cfg = apply_resume_overrides(cfg, overrides or [])
         if iterations is not None:
             if iterations < data.iterations_done:
                 raise ConfigError(

@@ -39,7 +39,9 @@ def format_score(text: str) -> float:
     return score
 
 
-def answer_score(text: str, numbers: list[int], target: float) -> float:
+def answer_score(text: str, numbers: list[int], target: float, partial: float = 0.0) -> float:
+    """1.0 for a right answer; `partial` for one that uses exactly the given numbers but
+    misses the target (0 in the paper's reward)."""
     answers = _ANSWER.findall(text)
     if not answers:
         return 0.0
@@ -49,16 +51,18 @@ def answer_score(text: str, numbers: list[int], target: float) -> float:
     value, used = result
     if sorted(used) != sorted(numbers):
         return 0.0
-    return 1.0 if abs(value - target) < 1e-5 else 0.0
+    return 1.0 if abs(value - target) < 1e-5 else partial
 
 
-def countdown_reward(completion: str, numbers: list[int], target: float, prefix: str = "") -> float:
+def countdown_reward(
+    completion: str, numbers: list[int], target: float, prefix: str = "", partial: float = 0.0
+) -> float:
     """0.1 * format + answer on prefix + completion (prefix: an opening tag ending the prompt).
     Completions over MAX_COMPLETION_CHARS score 0 without being parsed."""
     if len(completion) > MAX_COMPLETION_CHARS:
         return 0.0
     text = prefix + completion
-    return 0.1 * format_score(text) + answer_score(text, numbers, target)
+    return 0.1 * format_score(text) + answer_score(text, numbers, target, partial)
 
 
 def _random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, float] | None:
@@ -116,6 +120,7 @@ class CountdownTask:
     def __init__(self, cfg: TaskConfig) -> None:
         c = cfg.countdown
         self.template = c.template
+        self.partial = c.partial_credit
         if c.data_path:
             records = load_problems(c.data_path)
             if cfg.train_size + cfg.test_size > len(records):
@@ -147,4 +152,4 @@ class CountdownTask:
     def score(self, completion: str, example: Example) -> float:
         numbers, target = example.answer
         prefix = THINK_OPEN if example.prompt.endswith(THINK_OPEN) else ""
-        return countdown_reward(completion, numbers, target, prefix)
+        return countdown_reward(completion, numbers, target, prefix, self.partial)
