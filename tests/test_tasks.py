@@ -131,3 +131,48 @@ def test_pretrain_writes_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_conciseness_reward_and_generated_pairs(tmp_path):
+    data = tmp_path / "qa.json"
+    data.write_text(
+        json.dumps([{"question": "Capital of France?", "answers": ["Paris", "paris!"]}] * 3)
+    )
+    cfg = load_config(
+        None,
+        [
+            "task.name=conciseness",
+            f"task.conciseness.data_path={data}",
+            "task.train_size=1",
+            "task.test_size=1",
+            "task.prompts_per_member=1",
+        ],
+    )
+    task = make_task(cfg.task)
+    assert task.score("Paris", task.test[0]) == 0.0
+    assert task.score("It is Paris", task.test[0]) == -6.0
+    generated = make_task(
+        load_config(None, ["task.name=conciseness", "task.train_size=40", "task.test_size=10"]).task
+    )
+    assert generated.report_kl and len(generated.test) == 10
+    assert all(e.answer > len("</think>\n<answer></answer>") for e in generated.test)
+
+
+def test_k3_kl_is_zero_against_itself_and_positive_otherwise(tiny_config):
+    import torch
+
+    from es_mpi.comm import Comm
+    from es_mpi.engine import Engine
+    from es_mpi.evaluate import Evaluator, heldout_score
+
+    engine = Engine.load(tiny_config, Comm.serial())
+    task = make_task(tiny_config.task)
+    evaluator = Evaluator(engine.model, engine.tokenizer, task, 4)
+    base = engine.load_base_copy()
+    same = heldout_score(evaluator, task.test, Comm.serial(), 4, base_model=base)
+    assert same.kl == 0.0
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = heldout_score(evaluator, task.test, Comm.serial(), 4, base_model=base)
+    assert moved.kl > 0.0

@@ -134,9 +134,16 @@ class CountdownConfig:
 
 
 @dataclass
+class ConcisenessConfig:
+    data_path: str = ""
+    """JSON list of {"question", "answers"}; empty: questions from generated Countdown
+    problems (task.countdown.*), answers their reference solutions."""
+
+
+@dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Reward task: a built-in name (arithmetic, multiplication, countdown) or
+    """Reward task: a built-in name (arithmetic, multiplication, countdown, conciseness) or
     'package.module:ClassName' (a class implementing es_mpi.tasks.Task)."""
     prompts_per_member: int = 32
     """Prompts in the batch every member is scored on (drawn per iteration, same for all)."""
@@ -155,6 +162,7 @@ class TaskConfig:
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     multiplication: MultiplicationConfig = field(default_factory=MultiplicationConfig)
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
+    conciseness: ConcisenessConfig = field(default_factory=ConcisenessConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "task.name", "must not be empty")

@@ -52,6 +52,11 @@ class Engine:
     tokenizer: object
     weights: MasterWeights
     rss_before_model: int
+    model_path: str
+
+    def load_base_copy(self) -> torch.nn.Module:
+        """An untouched float32 copy of the base model (e.g. the reference for KL)."""
+        return load_model(self.model_path, "float32", self.device)
 
     @classmethod
     def load(cls, cfg: Config, comm: Comm, model_path: str | Path | None = None) -> Engine:
@@ -68,4 +73,4 @@ class Engine:
                 raise RuntimeError(f"'{path}': weight names differ from the model's parameters")
         weights = MasterWeights(model, master, noise_cache_bytes=cfg.es.noise_cache_mb * 2**20)
         tokenizer = load_tokenizer(path)
-        return cls(cfg, comm, device, model, tokenizer, weights, rss_before)
+        return cls(cfg, comm, device, model, tokenizer, weights, rss_before, str(path))

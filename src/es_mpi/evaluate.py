@@ -43,29 +43,63 @@ class Evaluator:
         )
 
     @torch.no_grad()
-    def completions(self, batch: PromptBatch) -> list[str]:
+    def generate(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy completions: (prompt + new token ids, mask of new tokens up to the first end)."""
         out = self.model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             generation_config=self.generation,
         )
+        new = out[:, batch.input_ids.shape[1] :]
+        ended = (new == self.tokenizer.eos_token_id).long().cumsum(dim=1)
+        # keep tokens before the first end token, and that end token itself
+        keep = (ended == 0) | ((ended == 1) & (new == self.tokenizer.eos_token_id))
+        return out, keep
+
+    def completions(self, batch: PromptBatch) -> list[str]:
         # Score the completion only: the prompt must never earn reward (DESIGN.md, defect 5).
-        new_tokens = out[:, batch.input_ids.shape[1] :].tolist()
+        out, keep = self.generate(batch)
+        return self.decode(out[:, batch.input_ids.shape[1] :], keep)
+
+    def decode(self, new_tokens: torch.Tensor, keep: torch.Tensor) -> list[str]:
         eos = self.tokenizer.eos_token_id
-        texts = []
-        for row in new_tokens:
-            if eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+        return [
+            self.tokenizer.decode(
+                [t for t in row[mask].tolist() if t != eos], skip_special_tokens=True
+            )
+            for row, mask in zip(new_tokens, keep, strict=True)
+        ]
 
     def rewards(self, batch: PromptBatch) -> np.ndarray:
         """Reward of every prompt of the batch under the current evaluation copy."""
-        texts = self.completions(batch)
+        return self.score_texts(self.completions(batch), batch)
+
+    def score_texts(self, texts: list[str], batch: PromptBatch) -> np.ndarray:
         return np.array(
             [self.task.score(t, e) for t, e in zip(texts, batch.examples, strict=True)],
             dtype=np.float64,
         )
+
+
+@torch.no_grad()
+def k3_kl_sum(
+    model, base_model, out: torch.Tensor, prompt_mask: torch.Tensor, keep: torch.Tensor
+) -> tuple[float, int]:
+    """Schulman's k3 estimate of KL(model || base) over generated tokens: sum and count.
+
+    k3 = r - 1 - log r with r = p_base(token) / p_model(token), on the model's own tokens.
+    """
+    mask = torch.cat([prompt_mask, keep.long()], dim=1)
+    n_prompt = prompt_mask.shape[1]
+    targets = out[:, n_prompt:]
+
+    def token_logprobs(m) -> torch.Tensor:
+        logits = m(input_ids=out, attention_mask=mask).logits[:, n_prompt - 1 : -1].float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    log_r = token_logprobs(base_model) - token_logprobs(model)
+    k3 = (torch.exp(log_r) - 1 - log_r)[keep]
+    return float(k3.double().sum()), int(keep.sum())
 
 
 @dataclass
@@ -74,25 +108,39 @@ class HeldoutScore:
     """Mean reward over the held-out split."""
     accuracy: float
     """Share of held-out prompts whose reward is at least 1 (a fully correct answer)."""
+    kl: float = float("nan")
+    """k3 estimate of KL(model || base) per generated token (NaN when not asked for)."""
 
 
 def heldout_score(
-    evaluator: Evaluator, examples: list[Example], comm, batch_size: int
+    evaluator: Evaluator, examples: list[Example], comm, batch_size: int, base_model=None
 ) -> HeldoutScore:
-    """Score the model as it is on every example, batches dealt to ranks, rewards allgathered.
+    """Score the model as it is on every example, batches dealt to ranks, scalars allgathered.
 
     Batches are consecutive runs of `batch_size` examples whatever the rank count, so every
-    prompt is decoded in the same batch shape (DESIGN.md, invariant 1).
+    prompt is decoded in the same batch shape (DESIGN.md, invariant 1). With `base_model`,
+    also the k3 KL of the model's completions from the base model.
     """
     if not examples:
         return HeldoutScore(float("nan"), float("nan"))
     n_batches = -(-len(examples) // batch_size)
     local = []
     for b in comm.my_members(n_batches):
-        chunk = examples[b * batch_size : (b + 1) * batch_size]
-        local.append((b, evaluator.rewards(evaluator.encode(chunk)).tolist()))
+        batch = evaluator.encode(examples[b * batch_size : (b + 1) * batch_size])
+        out, keep = evaluator.generate(batch)
+        texts = evaluator.decode(out[:, batch.input_ids.shape[1] :], keep)
+        kl = (0.0, 0)
+        if base_model is not None:
+            kl = k3_kl_sum(evaluator.model, base_model, out, batch.attention_mask, keep)
+        local.append((b, evaluator.score_texts(texts, batch).tolist(), kl))
     rewards = np.empty(len(examples))
+    kl_by_batch = {}
     for part in comm.allgather(local):
-        for b, values in part:
+        for b, values, kl_sum_count in part:
             rewards[b * batch_size : b * batch_size + len(values)] = values
-    return HeldoutScore(float(rewards.mean()), float((rewards >= 1.0).mean()))
+            kl_by_batch[b] = kl_sum_count
+    # summed in batch order, so the figure does not depend on the rank count either
+    kl_sum = sum(kl_by_batch[b][0] for b in sorted(kl_by_batch))
+    kl_tokens = sum(n for _, n in kl_by_batch.values())
+    kl = kl_sum / kl_tokens if base_model is not None and kl_tokens else float("nan")
+    return HeldoutScore(float(rewards.mean()), float((rewards >= 1.0).mean()), kl)

@@ -17,10 +17,8 @@ from .comm import Comm
 from .config import Config, load_config
 from .engine import set_threads
 from .evaluate import Evaluator, heldout_score
-from .tasks.countdown import CountdownTask, generate_problems
+from .tasks.countdown import TINY_ANSWER_FORMAT, CountdownTask, generate_problems
 from .tiny_model import tiny_llama
-
-ANSWER_FORMAT = "</think>\n<answer>{solution}</answer>"
 
 
 @dataclass
@@ -79,7 +77,7 @@ def pretrain(args: PretrainArgs) -> dict:
         ids, mask, labels = _batch_tensors(
             tokenizer,
             [task.example(p).prompt for p in chunk],
-            [ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
+            [TINY_ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
         )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()

@@ -33,7 +33,12 @@ SCALARS = {
     "wall_clock": "f8",
 }
 # Held-out evaluations (own counter): after how many iterations, and the scores.
-HELDOUT = {"heldout_iteration": "i8", "heldout_reward": "f8", "heldout_accuracy": "f8"}
+HELDOUT = {
+    "heldout_iteration": "i8",
+    "heldout_reward": "f8",
+    "heldout_accuracy": "f8",
+    "heldout_kl": "f8",
+}
 # Per-iteration, per-member columns.
 MEMBER_COLUMNS = {"member_seeds": "i8", "member_signs": "i1", "rewards": "f8", "shaped": "f8"}
 
@@ -171,13 +176,16 @@ class RunLog:
             f.attrs["iterations_done"] = n + 1  # the commit point of this row
             f.flush()
 
-    def append_heldout(self, iterations_done: int, reward: float, accuracy: float) -> None:
+    def append_heldout(
+        self, iterations_done: int, reward: float, accuracy: float, kl: float = float("nan")
+    ) -> None:
         with self._open("a") as f:
             n = int(f.attrs["heldout_done"])
             row = {
                 "heldout_iteration": iterations_done,
                 "heldout_reward": reward,
                 "heldout_accuracy": accuracy,
+                "heldout_kl": kl,
             }
             for name, value in row.items():
                 f[name].resize(n + 1, axis=0)

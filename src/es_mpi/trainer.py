@@ -44,6 +44,8 @@ class Trainer:
         self.task = task
         self.run_dir = run_dir
         self.log = log  # rank 0 only
+        # A frozen copy of the base model, for tasks that report KL from it (conciseness).
+        self.base_model = engine.load_base_copy() if getattr(task, "report_kl", False) else None
         self.evaluator = Evaluator(
             engine.model, engine.tokenizer, task, self.cfg.task.max_new_tokens
         )
@@ -132,12 +134,15 @@ class Trainer:
         """Score the unperturbed master on the held-out split; rank 0 logs and prints it."""
         t0 = time.perf_counter()
         self.weights.load_master()
-        score = heldout_score(self.evaluator, self.task.test, self.comm, self.cfg.task.eval_batch)
+        score = heldout_score(
+            self.evaluator, self.task.test, self.comm, self.cfg.task.eval_batch, self.base_model
+        )
         if self.comm.is_main:
-            self.log.append_heldout(iterations_done, score.reward, score.accuracy)
+            self.log.append_heldout(iterations_done, score.reward, score.accuracy, score.kl)
+            kl = "" if self.base_model is None else f" KL to base {score.kl:.5f}"
             print(
                 f"[es-mpi] held-out after {iterations_done} iterations: accuracy "
-                f"{100 * score.accuracy:.1f}% reward {score.reward:.4f} "
+                f"{100 * score.accuracy:.1f}% reward {score.reward:.4f}{kl} "
                 f"({len(self.task.test)} prompts, {time.perf_counter() - t0:.1f}s)",
                 flush=True,
             )

@@ -7,11 +7,13 @@ import importlib
 from ..config import ConfigError, TaskConfig
 from .arithmetic import ArithmeticTask
 from .base import Example, Task
+from .conciseness import ConcisenessTask
 from .countdown import CountdownTask
 from .multiplication import MultiplicationTask
 
 BUILTIN_TASKS = {
     "arithmetic": ArithmeticTask,
+    "conciseness": ConcisenessTask,
     "countdown": CountdownTask,
     "multiplication": MultiplicationTask,
 }

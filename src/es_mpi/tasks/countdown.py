@@ -23,6 +23,8 @@ from .base import Example
 from .safe_arith import evaluate
 
 THINK_OPEN = "<think>"
+# The completion the shipped tiny model is pretrained to write after "{numbers}={target}<think>".
+TINY_ANSWER_FORMAT = "</think>\n<answer>{solution}</answer>"
 _FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 MAX_COMPLETION_CHARS = 4096
@@ -147,9 +149,9 @@ class CountdownTask:
             target=record["target"],
             context=record.get("context", ""),
         )
-        return Example(prompt, (numbers, float(record["target"])))
+        return Example(prompt, (numbers, float(record["target"]), record.get("solution") or ""))
 
     def score(self, completion: str, example: Example) -> float:
-        numbers, target = example.answer
+        numbers, target, _ = example.answer
         prefix = THINK_OPEN if example.prompt.endswith(THINK_OPEN) else ""
         return countdown_reward(completion, numbers, target, prefix, self.partial)
