@@ -51,7 +51,7 @@ model: install
 
 pretrain-model: install
 	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown --steps 250 --seed 0 --threads 2 \
-		--config configs/countdown.yaml
+		--config configs/default.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
