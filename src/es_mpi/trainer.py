@@ -75,8 +75,9 @@ class Trainer:
         es = self.cfg.es
         t_start = time.perf_counter()
         population = member_population(self.cfg.seed, iteration, es.population, es.antithetic)
-        # Mirrored pairs stay on one rank, so the second member reuses the first one's noise.
-        members = self.comm.my_members(es.population, group=2 if es.antithetic else 1)
+        # Dealt member by member, not pair by pair: an odd number of pairs would leave one
+        # rank two members more; a pair split between ranks costs one extra noise draw only.
+        members = self.comm.my_members(es.population)
         local_rewards, t_perturb = self.evaluate_members(
             members, population, self.prompt_batch(iteration)
         )
