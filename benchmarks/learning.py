@@ -24,11 +24,30 @@ MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 
 
 def run(run_dir: Path, seed: int, args: argparse.Namespace) -> None:
-    cmd = [MPIEXEC, "-n", str(args.ranks), sys.executable, "-m", "es_mpi", "train",
-           "--config", str(args.config), "--run-dir", str(run_dir), "--overwrite",
-           "--set", f"seed={seed}", "--set", "es.iterations=100000",
-           "--set", f"runtime.time_limit_minutes={args.minutes}",
-           "--set", f"task.eval_every={args.eval_every}", "--set", "checkpoint.every=0"]
+    cmd = [
+        MPIEXEC,
+        "-n",
+        str(args.ranks),
+        sys.executable,
+        "-m",
+        "es_mpi",
+        "train",
+        "--config",
+        str(args.config),
+        "--run-dir",
+        str(run_dir),
+        "--overwrite",
+        "--set",
+        f"seed={seed}",
+        "--set",
+        "es.iterations=100000",
+        "--set",
+        f"runtime.time_limit_minutes={args.minutes}",
+        "--set",
+        f"task.eval_every={args.eval_every}",
+        "--set",
+        "checkpoint.every=0",
+    ]
     for item in args.set:
         cmd += ["--set", item]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -63,21 +82,28 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     marks = [float(m) for m in args.marks.split(",")]
-    print(f"config {args.config.name} {' '.join(args.set)}; {args.ranks} ranks, "
-          f"{args.minutes} min per seed, held-out every {args.eval_every} iterations")
+    print(
+        f"config {args.config.name} {' '.join(args.set)}; {args.ranks} ranks, "
+        f"{args.minutes} min per seed, held-out every {args.eval_every} iterations"
+    )
     gains: dict[float, list[float]] = {m: [] for m in marks}
     for seed in (int(s) for s in args.seeds.split(",")):
         run_dir = args.out / f"seed{seed}"
         run(run_dir, seed, args)
         base, at_mark, done = heldout_by_minute(run_dir, marks)
         cells = ", ".join(f"{m:g} min {100 * a:.1f}%" for m, a in zip(marks, at_mark, strict=True))
-        print(f"seed {seed}: base {100 * base:.1f}%, {cells} ({done} iterations) [{run_dir}]",
-              flush=True)
+        print(
+            f"seed {seed}: base {100 * base:.1f}%, {cells} ({done} iterations) [{run_dir}]",
+            flush=True,
+        )
         for m, a in zip(marks, at_mark, strict=True):
             gains[m].append(100 * (a - base))
     for m, g in gains.items():
-        print(f"gain after {m:g} min: " + ", ".join(f"{x:+.1f}" for x in g)
-              + f" points; mean {np.mean(g):+.1f}, spread {max(g) - min(g):.1f}")
+        print(
+            f"gain after {m:g} min: "
+            + ", ".join(f"{x:+.1f}" for x in g)
+            + f" points; mean {np.mean(g):+.1f}, spread {max(g) - min(g):.1f}"
+        )
 
 
 if __name__ == "__main__":
