@@ -106,8 +106,10 @@ class Trainer:
                 f"{self.weights.numel:,} parameters, iterations {start}..{total}",
                 flush=True,
             )
+        scored_at = None  # iterations done at the latest held-out evaluation
         if start == 0:
             self.evaluate_heldout(0)
+            scored_at = 0
         session_start = time.monotonic()
         done = start
         while done < total and not self.time_is_up(session_start):
@@ -118,9 +120,11 @@ class Trainer:
                 self.report(record, total)
                 self.maybe_checkpoint(done, record.checksum)
             every = self.cfg.task.eval_every
-            if every and done % every == 0 and done < total:
+            if every and done % every == 0:
                 self.evaluate_heldout(done)
-        self.evaluate_heldout(done)
+                scored_at = done
+        if scored_at != done:
+            self.evaluate_heldout(done)
         self.finish()
 
     def time_is_up(self, session_start: float) -> bool:
