@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain the tiny base model on generated Countdown")
     pt.add_argument("--out", type=Path, required=True)
     for name, default in (
-        ("steps", 1500),
+        ("steps", 250),
         ("batch", 64),
         ("seed", 0),
         ("hidden", 128),

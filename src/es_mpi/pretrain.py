@@ -24,7 +24,7 @@ from .tiny_model import tiny_llama
 @dataclass
 class PretrainArgs:
     out: str
-    steps: int = 1500
+    steps: int = 250
     batch: int = 64
     lr: float = 3e-3
     seed: int = 0
