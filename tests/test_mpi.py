@@ -59,3 +59,29 @@ def test_rank_count_invariance_in_process(comm_world, shared_tmp):
     weights = start_run(cfg, shared_tmp / "together", False, comm_world)
     checksums = comm_world.allgather(weights.checksum())
     assert checksums == [reference] * comm_world.size
+
+
+@pytest.mark.mpi(min_size=2)
+def test_replicas_that_drift_apart_are_detected_on_every_rank(comm_world, shared_tmp):
+    import torch
+
+    from es_mpi.config import load_config
+    from es_mpi.engine import Engine
+    from es_mpi.tasks import make_task
+    from es_mpi.tiny_model import build_tiny_llama
+    from es_mpi.trainer import Trainer
+
+    model_dir = shared_tmp / "model-drift"
+    if comm_world.is_main:
+        build_tiny_llama(model_dir, hidden=16, layers=1, heads=2)
+    comm_world.barrier()
+    cfg = load_config(None, small_overrides(model_dir, **{"runtime.verify_every": 10}))
+    engine = Engine.load(cfg, comm_world)
+    trainer = Trainer(engine, make_task(cfg.task), shared_tmp, log=None)
+    assert trainer.agreed_checksum(9) == engine.weights.checksum()  # all agree
+    if comm_world.rank == 1:
+        with torch.no_grad():
+            next(iter(engine.weights.master.values()))[0].add_(1e-6)
+    assert trainer.agreed_checksum(8) in ("", engine.weights.checksum())  # not a check iteration
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] disagree"):
+        trainer.agreed_checksum(19)

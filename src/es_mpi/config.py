@@ -185,6 +185,9 @@ class RuntimeConfig:
     with the thread count, so it is never derived from the rank count (DESIGN.md, invariant 1)."""
     device: str = "auto"
     """auto (cuda:(local_rank % n_gpus) when CUDA is present, else cpu), cpu or cuda."""
+    verify_every: int = 10
+    """Every this many iterations all ranks hash their master weights and must agree
+    (0: never; rank 0 still logs its checksum every iteration)."""
     time_limit_minutes: float = 0.0
     """Stop cleanly after the iteration during which this much wall time of the session has
     passed (0: no limit); the run can be resumed. Rank 0's clock decides for all ranks."""
@@ -193,6 +196,7 @@ class RuntimeConfig:
         _require(self.threads >= 1, "runtime.threads", "must be >= 1")
         _require(self.device in DEVICES, "runtime.device", f"one of {DEVICES}")
         _require(self.time_limit_minutes >= 0, "runtime.time_limit_minutes", "must be >= 0")
+        _require(self.verify_every >= 0, "runtime.verify_every", "must be >= 0")
 
 
 @dataclass
@@ -321,6 +325,7 @@ RESUME_SETTABLE = (
     "es.iterations",
     "es.noise_cache_mb",
     "runtime.time_limit_minutes",
+    "runtime.verify_every",
     "runtime.device",
     "checkpoint.every",
     "checkpoint.keep",

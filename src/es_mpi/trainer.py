@@ -86,7 +86,7 @@ class Trainer:
         t_gathered = time.perf_counter()
         shaped = apply_es_update(self.weights, population, rewards, es.shaping, es.alpha)
         t_updated = time.perf_counter()
-        checksum = self.weights.checksum() if self.comm.is_main else ""
+        checksum = self.agreed_checksum(iteration)
         times = {
             "evaluate": t_evaluated - t_start,
             "perturb": t_perturb,
@@ -97,6 +97,21 @@ class Trainer:
         return IterationRecord(
             iteration, population.seeds, population.signs, rewards, shaped, checksum, times
         )
+
+    def agreed_checksum(self, iteration: int) -> str:
+        """sha256 of the master on rank 0; every runtime.verify_every iterations each rank
+        computes it and all must agree (replicas that drifted apart stop the job)."""
+        every = self.cfg.runtime.verify_every
+        if not (every and (iteration + 1) % every == 0):
+            return self.weights.checksum() if self.comm.is_main else ""
+        checksums = self.comm.allgather(self.weights.checksum())
+        if len(set(checksums)) > 1:
+            ranks = [r for r, c in enumerate(checksums) if c != checksums[0]]
+            raise RuntimeError(
+                f"master weights differ between ranks after iteration {iteration}: "
+                f"ranks {ranks} disagree with rank 0"
+            )
+        return checksums[0]
 
     def run(self, start: int) -> None:
         total = self.cfg.es.iterations
