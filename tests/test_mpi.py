@@ -27,6 +27,18 @@ def shared_tmp(comm_world):
     return Path(comm_world.bcast(path))
 
 
+@pytest.fixture
+def shared_model_dir(comm_world, shared_tmp) -> Path:
+    """The tiny test model, built by rank 0 in the shared directory."""
+    from es_mpi.tiny_model import build_tiny_llama
+
+    model_dir = shared_tmp / "model"
+    if comm_world.is_main:
+        build_tiny_llama(model_dir, hidden=32, layers=2, heads=2)
+    comm_world.barrier()
+    return model_dir
+
+
 @pytest.mark.mpi(min_size=2)
 def test_rewards_placed_by_member_index(comm_world):
     population = 7
@@ -38,20 +50,16 @@ def test_rewards_placed_by_member_index(comm_world):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_rank_count_invariance_in_process(comm_world, shared_tmp):
+def test_rank_count_invariance_in_process(comm_world, shared_tmp, shared_model_dir):
     """The same config trained on all ranks and on rank 0 alone: identical master weights."""
     from mpi4py import MPI
 
     from es_mpi.comm import Comm
     from es_mpi.config import load_config
     from es_mpi.session import start_run
-    from es_mpi.tiny_model import build_tiny_llama
 
-    model_dir = shared_tmp / "model"
-    if comm_world.is_main:
-        build_tiny_llama(model_dir, hidden=32, layers=2, heads=2)
-    comm_world.barrier()
-    cfg = load_config(None, small_overrides(model_dir, **{"es.population": 7, "es.iterations": 3}))
+    overrides = small_overrides(shared_model_dir, **{"es.population": 7, "es.iterations": 3})
+    cfg = load_config(None, overrides)
     reference = None
     if comm_world.is_main:
         reference = start_run(cfg, shared_tmp / "alone", False, Comm(MPI.COMM_SELF)).checksum()
@@ -62,20 +70,17 @@ def test_rank_count_invariance_in_process(comm_world, shared_tmp):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_replicas_that_drift_apart_are_detected_on_every_rank(comm_world, shared_tmp):
+def test_replicas_that_drift_apart_are_detected_on_every_rank(
+    comm_world, shared_tmp, shared_model_dir
+):
     import torch
 
     from es_mpi.config import load_config
     from es_mpi.engine import Engine
     from es_mpi.tasks import make_task
-    from es_mpi.tiny_model import build_tiny_llama
     from es_mpi.trainer import Trainer
 
-    model_dir = shared_tmp / "model-drift"
-    if comm_world.is_main:
-        build_tiny_llama(model_dir, hidden=16, layers=1, heads=2)
-    comm_world.barrier()
-    cfg = load_config(None, small_overrides(model_dir, **{"runtime.verify_every": 10}))
+    cfg = load_config(None, small_overrides(shared_model_dir, **{"runtime.verify_every": 10}))
     engine = Engine.load(cfg, comm_world)
     trainer = Trainer(engine, make_task(cfg.task), shared_tmp, log=None)
     assert trainer.agreed_checksum(9) == engine.weights.checksum()  # all agree
