@@ -41,6 +41,7 @@ def test_member_reward_independent_of_evaluation_order(tiny_config, tmp_path):
     pop = member_population(0, 0, 6, antithetic=False)
     batch = trainer.prompt_batch(0)
     forward, _ = trainer.evaluate_members(range(6), pop, batch)
+    assert len(set(forward)) > 1  # members differ, so an order effect would show
     backward = [
         trainer.evaluate_members(range(n, n + 1), pop, batch)[0][0] for n in range(5, -1, -1)
     ]

@@ -114,3 +114,18 @@ def test_per_tensor_scale_multiplies_sigma_and_alpha():
     weights.apply_update([(5, 0.5)])
     eps_b = NoiseSource().sample(5, "b", (3,), "cpu")
     torch.testing.assert_close(weights.master["b"], before + weights.scales["b"] * 0.5 * eps_b)
+
+
+def test_sigma_scales_logged_or_derived_from_the_base():
+    from es_mpi.config import load_config
+    from es_mpi.perturb import per_tensor_std
+    from es_mpi.runlog import LogData
+    from es_mpi.session import sigma_scales
+
+    weights = MasterWeights(TwoTensors())
+    scaled = load_config(None, ["es.sigma_scale=per_tensor_std"])
+    empty = LogData({}, {}, [], {})
+    assert sigma_scales(scaled, weights, empty) == per_tensor_std(weights.master)
+    assert sigma_scales(load_config(None, []), weights) == {"a": 1.0, "b": 1.0}
+    logged = LogData({"sigma_scales": '{"a": 2.0, "b": 3.0}'}, {}, [], {})
+    assert sigma_scales(scaled, weights, logged) == {"a": 2.0, "b": 3.0}

@@ -26,7 +26,6 @@ class MasterWeights:
     ) -> None:
         """`master`: the fp32 base weights by parameter name, or None to copy them from a
         float32 `model`. The model's own parameters are the evaluation copy."""
-        self.model = model
         # named_parameters() drops tied duplicates (e.g. lm_head tied to the embedding).
         self.eval_params: dict[str, torch.Tensor] = dict(model.named_parameters())
         self.master: dict[str, torch.Tensor] = {}

@@ -80,6 +80,16 @@ def _attr_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _commit_row(f: h5py.File, counter: str, n: int, row: dict, names) -> None:
+    """Write row n of the named datasets (NaN where absent), then bump the commit counter."""
+    for name in names:
+        f[name].resize(n + 1, axis=0)
+        f[name][n] = row.get(name, np.nan)
+    f.flush()
+    f.attrs[counter] = n + 1  # the commit point: readers ignore rows past it
+    f.flush()
+
+
 class RunLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -168,31 +178,19 @@ class RunLog:
                 "wall_clock": time.time(),
                 **{f"time_{k}": v for k, v in record.times.items()},
             }
-            for name in (*SCALARS, *MEMBER_COLUMNS, "checksum"):
-                ds = f[name]
-                ds.resize(n + 1, axis=0)
-                ds[n] = row.get(name, np.nan)
-            f.flush()
-            f.attrs["iterations_done"] = n + 1  # the commit point of this row
-            f.flush()
+            _commit_row(f, "iterations_done", n, row, (*SCALARS, *MEMBER_COLUMNS, "checksum"))
 
     def append_heldout(
         self, iterations_done: int, reward: float, accuracy: float, kl: float = float("nan")
     ) -> None:
         with self._open("a") as f:
-            n = int(f.attrs["heldout_done"])
             row = {
                 "heldout_iteration": iterations_done,
                 "heldout_reward": reward,
                 "heldout_accuracy": accuracy,
                 "heldout_kl": kl,
             }
-            for name, value in row.items():
-                f[name].resize(n + 1, axis=0)
-                f[name][n] = value
-            f.flush()
-            f.attrs["heldout_done"] = n + 1
-            f.flush()
+            _commit_row(f, "heldout_done", int(f.attrs["heldout_done"]), row, HELDOUT)
 
     def truncate_to_committed(self) -> int:
         """Cut rows of a torn append; returns the number of committed iterations."""

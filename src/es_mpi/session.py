@@ -44,7 +44,7 @@ def checked_on_main(comm: Comm, check: Callable[[], Any]) -> Any:
 
 
 def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> MasterWeights:
-    def prepare() -> dict:
+    def prepare() -> None:
         model_dir = check_model_dir(cfg.model.path)
         make_task(cfg.task)  # a bad task name fails here, before the run dir is touched
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -61,12 +61,10 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
             model_sha256(model_dir),
             cfg.es.population,
         )
-        return {}
 
     checked_on_main(comm, prepare)
     engine = Engine.load(cfg, comm)
-    if cfg.es.sigma_scale == "per_tensor_std":
-        engine.weights.scales = per_tensor_std(engine.weights.master)
+    engine.weights.scales = sigma_scales(cfg, engine.weights)
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
     if log is not None:
         log.set_attrs(sigma_scales=json.dumps(engine.weights.scales))
@@ -77,7 +75,12 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
 
 def evaluate_model(cfg: Config, comm: Comm) -> HeldoutScore:
     """Held-out score of the model at cfg.model.path on cfg.task (no training)."""
-    checked_on_main(comm, lambda: (check_model_dir(cfg.model.path), make_task(cfg.task)) and None)
+
+    def check() -> None:
+        check_model_dir(cfg.model.path)
+        make_task(cfg.task)
+
+    checked_on_main(comm, check)
     task = make_task(cfg.task)
     engine = Engine.load(cfg, comm)
     evaluator = Evaluator(engine.model, engine.tokenizer, task, cfg.task.max_new_tokens)
@@ -105,9 +108,16 @@ def read_run(run_dir: Path, truncate: bool) -> tuple[Config, LogData, Path]:
     return cfg, data, model_dir
 
 
-def logged_scales(data: LogData) -> dict[str, float]:
-    """The per-tensor sigma/alpha scales the run started with (replay must use the same)."""
-    return json.loads(data.attrs["sigma_scales"])
+def sigma_scales(
+    cfg: Config, weights: MasterWeights, data: LogData | None = None
+) -> dict[str, float]:
+    """Per-tensor sigma/alpha multipliers: the ones logged when the run started, else derived
+    from the base weights (deterministic; covers a crash before they were logged)."""
+    if data is not None and "sigma_scales" in data.attrs:
+        return json.loads(data.attrs["sigma_scales"])
+    if cfg.es.sigma_scale == "per_tensor_std":
+        return per_tensor_std(weights.master)
+    return dict.fromkeys(weights.names, 1.0)
 
 
 def replay_rows(
@@ -120,7 +130,7 @@ def replay_rows(
         apply_es_update(weights, population, cols["rewards"][it], cfg.es.shaping, cfg.es.alpha)
         if (verify_each or it == stop - 1) and weights.checksum() != data.checksums[it]:
             raise ReplayMismatch(
-                f"replay: checksum mismatch at iteration {it} "
+                f"replay: checksum mismatch at iteration {it} (0-based, the log's 'iteration') "
                 "(the log's seeds or rewards were altered, or the base model differs)"
             )
 
@@ -158,7 +168,7 @@ def resume_run(
 
     cfg, data, model_dir = checked_on_main(comm, prepare)
     engine = Engine.load(cfg, comm, model_path=model_dir)
-    engine.weights.scales = logged_scales(data)
+    engine.weights.scales = sigma_scales(cfg, engine.weights, data)
     from_checkpoint = restore_master(engine.weights, cfg, data, run_dir)
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
     if log is not None:
@@ -185,7 +195,7 @@ def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
     """Rebuild the weights from the base model and the log alone; check every checksum."""
     cfg, data, model_dir = checked_on_main(comm, lambda: read_run(run_dir, truncate=False))
     engine = Engine.load(cfg, comm, model_path=model_dir)
-    engine.weights.scales = logged_scales(data)
+    engine.weights.scales = sigma_scales(cfg, engine.weights, data)
     replay_rows(engine.weights, cfg, data, 0, data.iterations_done, verify_each=True)
     if comm.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
