@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 SHAPINGS = ("zscore", "centered_rank")
 SIGMA_SCALES = ("none", "per_tensor_std")
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
+ES_MODES = ("full", "lowrank")
+LOWRANK_VECTORS = ("frozen", "full")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -65,6 +67,20 @@ class ESConfig:
     """Memory per rank (MiB) for keeping the noise of this rank's own members from evaluation
     to the update instead of generating it twice. Speed only: results are identical for any
     value; 0 disables. A member is cached whole or not at all."""
+    mode: str = "full"
+    """full: Gaussian noise on every parameter, materialised per member. lowrank: each 2-D
+    weight (m x n) gets B A^T / sqrt(rank) with B (m x rank), A (n x rank), applied by hooks
+    on nn.Linear / nn.Embedding without materialising it (EGGROLL)."""
+    rank: int = 1
+    """Rank r of the low-rank perturbation (es.mode lowrank)."""
+    lowrank_vectors: str = "frozen"
+    """1-D tensors (norm weights, biases) in lowrank mode: frozen (never perturbed or
+    updated), or full (full Gaussian noise, one extra small forward call per member for
+    each module other than a Linear bias)."""
+    members_per_batch: int = 1
+    """Members evaluated together in one batched forward pass (es.mode lowrank): groups of
+    consecutive members are dealt whole to ranks, so batch shapes never depend on the rank
+    count. A config value, never derived from memory or the number of ranks."""
 
     def __post_init__(self) -> None:
         _require(self.population >= 1, "es.population", "must be >= 1")
@@ -74,6 +90,19 @@ class ESConfig:
         _require(self.noise_cache_mb >= 0, "es.noise_cache_mb", "must be >= 0")
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
         _require(self.sigma_scale in SIGMA_SCALES, "es.sigma_scale", f"one of {SIGMA_SCALES}")
+        _require(self.mode in ES_MODES, "es.mode", f"one of {ES_MODES}")
+        _require(self.rank >= 1, "es.rank", "must be >= 1")
+        _require(
+            self.lowrank_vectors in LOWRANK_VECTORS,
+            "es.lowrank_vectors",
+            f"one of {LOWRANK_VECTORS}",
+        )
+        _require(self.members_per_batch >= 1, "es.members_per_batch", "must be >= 1")
+        _require(
+            self.members_per_batch == 1 or self.mode == "lowrank",
+            "es.members_per_batch",
+            "above 1 needs es.mode lowrank (full mode materialises one member at a time)",
+        )
         _require(
             not self.antithetic or self.population % 2 == 0,
             "es.population",

@@ -72,5 +72,7 @@ class Engine:
             if master is None:
                 raise RuntimeError(f"'{path}': weight names differ from the model's parameters")
         weights = MasterWeights(model, master, noise_cache_bytes=cfg.es.noise_cache_mb * 2**20)
+        if cfg.es.mode == "lowrank":
+            weights.use_lowrank(cfg.es.rank, cfg.es.lowrank_vectors == "full")
         tokenizer = load_tokenizer(path)
         return cls(cfg, comm, device, model, tokenizer, weights, rss_before, str(path))

@@ -19,6 +19,16 @@ class PromptBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
 
+    def repeat(self, times: int) -> PromptBatch:
+        """The batch `times` over, member-major: rows k*P .. k*P+P-1 belong to member k."""
+        if times == 1:
+            return self
+        return PromptBatch(
+            self.examples * times,
+            self.input_ids.repeat(times, 1),
+            self.attention_mask.repeat(times, 1),
+        )
+
 
 class Evaluator:
     """Scores the model as it currently is (its evaluation copy) on a prompt batch."""

@@ -12,6 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
+from .lowrank import LowRankNoise
 from .noise import NoiseSource
 
 
@@ -58,6 +59,14 @@ class MasterWeights:
         self._slots_max = noise_cache_bytes // (4 * self.numel)
         self._slots: list[torch.Tensor] = []
         self._cache: dict[int, torch.Tensor] = {}  # member seed -> filled slot
+        # es.mode lowrank: the perturbations are B A^T / sqrt(r) (see lowrank.py)
+        self.lowrank: LowRankNoise | None = None
+
+    def use_lowrank(self, rank: int, perturb_vectors: bool) -> LowRankNoise:
+        shapes = {name: t.shape for name, t in self.master.items()}
+        self.lowrank = LowRankNoise(shapes, rank, perturb_vectors, self._noise_buf.device)
+        self._slots_max = 0  # low-rank factors are cheap to draw again
+        return self.lowrank
 
     def _scratch(self, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return buf[: like.numel()].view(like.shape)
@@ -90,6 +99,8 @@ class MasterWeights:
 
     def materialise(self, member_seed: int, sign: int, sigma: float) -> None:
         """eval copy <- master + sign * sigma * eps(member_seed), tensor by tensor."""
+        if self.lowrank is not None:
+            return self._materialise_lowrank(member_seed, sign, sigma)
         slot = None if member_seed in self._cache else self._free_slot()
         for name in self.names:
             master, target = self.master[name], self.eval_params[name]
@@ -106,6 +117,15 @@ class MasterWeights:
         if slot is not None:
             self._cache[member_seed] = slot
 
+    def _materialise_lowrank(self, member_seed: int, sign: int, sigma: float) -> None:
+        for name in self.names:
+            dense = self.lowrank.dense(member_seed, name)
+            target = self.eval_params[name]
+            if dense is None:
+                target.copy_(self.master[name])
+            else:
+                target.copy_(self.master[name] + sign * sigma * self.scales[name] * dense)
+
     def load_master(self) -> None:
         """eval copy <- master (unperturbed), e.g. before saving or a held-out evaluation."""
         for name in self.names:
@@ -115,6 +135,11 @@ class MasterWeights:
         """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order."""
         for name in self.names if coefficients else []:
             master = self.master[name]
+            if self.lowrank is not None:
+                acc = self.lowrank.weighted_sum(name, coefficients)
+                if acc is not None:
+                    master.add_(acc, alpha=self.scales[name])
+                continue
             acc = self._scratch(self._acc_buf, master).zero_()
             for seed, coef in coefficients:
                 acc.add_(self._noise(seed, name), alpha=coef)

@@ -12,6 +12,7 @@ import numpy as np
 from .checkpoint import replace_dir, save_checkpoint
 from .engine import Engine, peak_rss_bytes
 from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
+from .lowrank import PopulationHooks
 from .modelio import save_hf_dir
 from .perturb import MasterWeights
 from .runlog import IterationRecord, RunLog
@@ -49,6 +50,9 @@ class Trainer:
         self.evaluator = Evaluator(
             engine.model, engine.tokenizer, task, self.cfg.task.max_new_tokens
         )
+        # es.mode lowrank: members are evaluated through hooks, never materialised
+        lowrank = self.weights.lowrank
+        self.hooks = None if lowrank is None else PopulationHooks(engine.model, lowrank)
 
     def prompt_batch(self, iteration: int) -> PromptBatch:
         """The same prompts for every member and rank, drawn from (run seed, iteration)."""
@@ -61,6 +65,8 @@ class Trainer:
         self, members: range, population: Population, batch: PromptBatch
     ) -> tuple[list[float], float]:
         """Mean reward of each of this rank's members; also the seconds spent materialising."""
+        if self.hooks is not None:
+            return self.evaluate_member_groups(members, population, batch)
         rewards, perturb_seconds = [], 0.0
         for n in members:
             t0 = time.perf_counter()
@@ -71,13 +77,39 @@ class Trainer:
             rewards.append(float(self.evaluator.rewards(batch).mean()))
         return rewards, perturb_seconds
 
+    def evaluate_member_groups(
+        self, members: range, population: Population, batch: PromptBatch
+    ) -> tuple[list[float], float]:
+        """Low-rank mode: es.members_per_batch members per batched generation (hooks)."""
+        group = self.cfg.es.members_per_batch
+        dtype = next(self.engine.model.parameters()).dtype
+        rewards, perturb_seconds = [], 0.0
+        for first in range(members.start, members.stop, group):
+            ids = slice(first, min(first + group, members.stop))
+            t0 = time.perf_counter()
+            self.hooks.activate(
+                population.seeds[ids].tolist(),
+                population.signs[ids].tolist(),
+                self.cfg.es.sigma,
+                self.weights.scales,
+                dtype,
+            )
+            perturb_seconds += time.perf_counter() - t0
+            size = ids.stop - ids.start
+            try:
+                row_rewards = self.evaluator.rewards(batch.repeat(size))
+            finally:
+                self.hooks.deactivate()
+            rewards += row_rewards.reshape(size, -1).mean(axis=1).tolist()
+        return rewards, perturb_seconds
+
     def step(self, iteration: int) -> IterationRecord:
         es = self.cfg.es
         t_start = time.perf_counter()
         population = member_population(self.cfg.seed, iteration, es.population, es.antithetic)
         # Dealt member by member, not pair by pair: an odd number of pairs would leave one
         # rank two members more; a pair split between ranks costs one extra noise draw only.
-        members = self.comm.my_members(es.population)
+        members = self.comm.my_members(es.population, es.members_per_batch)
         local_rewards, t_perturb = self.evaluate_members(
             members, population, self.prompt_batch(iteration)
         )

@@ -1,0 +1,217 @@
+"""Low-rank ES (EGGROLL, arXiv 2511.16652): the population in one batched forward pass.
+
+Member i's perturbation of a 2-D weight W (m x n) is E_i = B_i A_i^T / sqrt(r), with
+B_i (m x r) and A_i (n x r) standard normal from (member seed, tensor name): each entry of
+E_i has unit variance, like full-parameter noise. E_i is never materialised during
+evaluation: forward hooks on nn.Linear and nn.Embedding add each member's delta to the rows
+of the batch that belong to it (rows are member-major: member k owns rows k*P .. k*P+P-1),
+    Linear:    y = x W^T + c_i (x A_i) B_i^T
+    Embedding: y = W[t] + c_i B_i[t] A_i^T
+with c_i = sign_i * sigma * scale(tensor) / sqrt(r). The master weights stay untouched.
+1-D tensors (norms, biases) are frozen or perturbed with full noise (es.lowrank_vectors); a
+perturbed 1-D tensor of a module other than a Linear bias is handled by running that module
+once per member on the member's rows with its own vector (torch.func.functional_call).
+Modules holding other 2-D weights (e.g. GPT-2's Conv1D) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .noise import NoiseSource
+
+
+class LowRankNoise:
+    """Factors B, A of (member seed, tensor name) and the dense perturbations they stand for."""
+
+    def __init__(
+        self, shapes: dict[str, torch.Size], rank: int, perturb_vectors: bool, device
+    ) -> None:
+        self.shapes = shapes
+        self.rank = rank
+        self.perturb_vectors = perturb_vectors
+        self.noise = NoiseSource(device)
+        self.device = device
+
+    def is_perturbed(self, name: str) -> bool:
+        return len(self.shapes[name]) == 2 or self.perturb_vectors
+
+    def factors(self, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B m x r, A n x r) of a 2-D tensor: one float32 draw of fixed shape (m + n, r)."""
+        m, n = self.shapes[name]
+        both = self.noise.sample(seed, name, torch.Size((m + n, self.rank)), self.device)
+        return both[:m], both[m:]
+
+    def vector(self, seed: int, name: str) -> torch.Tensor:
+        """Full noise of a 1-D tensor (es.lowrank_vectors: full)."""
+        return self.noise.sample(seed, name, self.shapes[name], self.device)
+
+    def dense(self, seed: int, name: str) -> torch.Tensor | None:
+        """The perturbation of one tensor as a dense float32 tensor (None: frozen)."""
+        if len(self.shapes[name]) == 2:
+            b, a = self.factors(seed, name)
+            return (b @ a.T) / math.sqrt(self.rank)
+        return self.vector(seed, name) if self.perturb_vectors else None
+
+    def weighted_sum(self, name: str, coefficients: list[tuple[int, float]]) -> torch.Tensor | None:
+        """sum_k coef_k * E(seed_k) of one tensor in fp32; for 2-D tensors one matrix product
+        [c_1 B_1 .. c_K B_K] [A_1 .. A_K]^T / sqrt(r), the same on every rank."""
+        if not self.is_perturbed(name) or not coefficients:
+            return None
+        if len(self.shapes[name]) == 1:
+            acc = torch.zeros(self.shapes[name], dtype=torch.float32, device=self.device)
+            for seed, coef in coefficients:
+                acc.add_(self.vector(seed, name), alpha=coef)
+            return acc
+        bs, as_ = [], []
+        for seed, coef in coefficients:
+            b, a = self.factors(seed, name)
+            bs.append(b * coef)
+            as_.append(a)
+        return (torch.cat(bs, dim=1) @ torch.cat(as_, dim=1).T) / math.sqrt(self.rank)
+
+
+class PopulationHooks:
+    """Forward hooks that turn one model into a population of perturbed members.
+
+    `activate(seeds, signs, sigma, scales, rows_per_member)` sets the members of the next
+    forward passes (batch rows grouped by member); `deactivate()` restores the plain model.
+    """
+
+    def __init__(self, model: nn.Module, noise: LowRankNoise) -> None:
+        self.noise = noise
+        self.members: int = 0
+        self._b: dict[str, torch.Tensor] = {}  # name -> [M, m, r], times c_i
+        self._a: dict[str, torch.Tensor] = {}  # name -> [M, n, r]
+        self._vec: dict[str, torch.Tensor] = {}  # name -> [M, len] scaled vector noise
+        self._handles = []
+        self._linear: dict[str, list[nn.Module]] = {}
+        self._embedding: dict[str, list[nn.Module]] = {}
+        self._bias_of: dict[int, str] = {}  # id(Linear) -> name of its bias
+        self._in_vector_call = False
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        for module_name, module in model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            if isinstance(module, nn.Linear):
+                self._hook(module, self._linear_hook, name_of[id(module.weight)], self._linear)
+                if module.bias is not None:
+                    self._bias_of[id(module)] = name_of[id(module.bias)]
+            elif isinstance(module, nn.Embedding):
+                self._hook(
+                    module, self._embedding_hook, name_of[id(module.weight)], self._embedding
+                )
+            elif any(p.dim() == 2 for p in own.values()):
+                raise TypeError(
+                    f"es.mode lowrank supports nn.Linear and nn.Embedding weights; module "
+                    f"'{module_name}' ({type(module).__name__}) holds another 2-D weight"
+                )
+            elif noise.perturb_vectors and any(p.dim() == 1 for p in own.values()):
+                vectors = {k: name_of[id(p)] for k, p in own.items() if p.dim() == 1}
+                self._handles.append(module.register_forward_hook(self._vector_hook(vectors)))
+        # named_parameters() drops tied duplicates: a weight shared by an Embedding and a
+        # Linear (tied lm_head) gets one name, hence one perturbation for both uses.
+
+    def _hook(self, module, hook, name: str, registry: dict) -> None:
+        registry.setdefault(name, []).append(module)
+        self._handles.append(module.register_forward_hook(self._named(hook, name)))
+
+    @staticmethod
+    def _named(hook, name: str):
+        return lambda module, args, output: hook(name, module, args, output)
+
+    def activate(
+        self,
+        seeds: list[int],
+        signs: list[int],
+        sigma: float,
+        scales: dict[str, float],
+        dtype: torch.dtype,
+    ) -> None:
+        """Draw the factors of these members once; every later forward pass uses them."""
+        self.members = len(seeds)
+        root_r = math.sqrt(self.noise.rank)
+        for name in set(self._linear) | set(self._embedding):
+            bs, as_ = zip(*(self.noise.factors(s, name) for s in seeds), strict=True)
+            coef = torch.tensor(
+                [sign * sigma * scales[name] / root_r for sign in signs], dtype=torch.float32
+            ).view(-1, 1, 1)
+            b = torch.stack(bs) * coef.to(bs[0].device)  # [M, m, r]
+            a = torch.stack(as_)  # [M, n, r]
+            # in the activations' dtype: the hooks add to outputs of that dtype
+            self._b[name] = b.to(dtype)
+            self._a[name] = a.to(dtype)
+        self._vec = {}
+        if self.noise.perturb_vectors:
+            for name, shape in self.noise.shapes.items():
+                if len(shape) == 1:
+                    self._vec[name] = torch.stack(
+                        [
+                            sign * sigma * scales[name] * self.noise.vector(s, name)
+                            for s, sign in zip(seeds, signs, strict=True)
+                        ]
+                    )
+
+    def deactivate(self) -> None:
+        self.members = 0
+        self._b, self._a, self._vec = {}, {}, {}
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[M*P, ..., d] -> [M, P*..., d]: the rows of each member side by side."""
+        if x.shape[0] % self.members:
+            raise RuntimeError(
+                f"batch of {x.shape[0]} rows does not split into {self.members} members"
+            )
+        return x.reshape(self.members, -1, x.shape[-1])
+
+    def _linear_hook(self, name: str, module: nn.Linear, args, output: torch.Tensor):
+        if not self.members:
+            return None
+        x = self._rows(args[0])
+        delta = torch.bmm(torch.bmm(x, self._a[name]), self._b[name].transpose(1, 2))
+        bias = self._bias_of.get(id(module))
+        if bias in self._vec:
+            delta = delta + self._vec[bias].to(delta.dtype).unsqueeze(1)
+        return output + delta.reshape(output.shape)
+
+    def _embedding_hook(self, name: str, module: nn.Embedding, args, output: torch.Tensor):
+        if not self.members:
+            return None
+        ids = args[0].reshape(self.members, -1)  # [M, P*L]
+        member = torch.arange(self.members, device=ids.device).unsqueeze(1)
+        b_rows = self._b[name][member, ids]  # [M, P*L, r]
+        delta = torch.bmm(b_rows, self._a[name].transpose(1, 2))  # [M, P*L, n]
+        return output + delta.reshape(output.shape)
+
+    def _vector_hook(self, vectors: dict[str, str]):
+        """Run the module once per member with its own perturbed 1-D parameters."""
+
+        def hook(module: nn.Module, args, output):
+            if not self.members or self._in_vector_call:  # functional_call re-enters here
+                return None
+            self._rows(args[0])  # checks the row count
+            x = args[0].reshape(self.members, -1, *args[0].shape[1:])
+            parts = []
+            self._in_vector_call = True
+            try:
+                for i in range(self.members):
+                    params = {
+                        local: getattr(module, local) + self._vec[name][i].to(x.dtype)
+                        for local, name in vectors.items()
+                    }
+                    parts.append(functional_call(module, params, (x[i],)))
+            finally:
+                self._in_vector_call = False
+            return torch.cat(parts).reshape(output.shape)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
