@@ -7,6 +7,7 @@ into the run log, so a run can be resumed and replayed from its log alone.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,10 @@ class ESConfig:
     """Memory per rank (MiB) for keeping the noise of this rank's own members from evaluation
     to the update instead of generating it twice. Speed only: results are identical for any
     value; 0 disables. A member is cached whole or not at all."""
+    perturb_only: str = ""
+    """Regular expression on parameter names (re.search): only matching tensors are
+    perturbed and updated, the others stay frozen (empty: all tensors). Applied through the
+    per-tensor scales stored in the run log (a frozen tensor has scale 0)."""
     mode: str = "full"
     """full: Gaussian noise on every parameter, materialised per member. lowrank: each 2-D
     weight (m x n) gets B A^T / sqrt(rank) with B (m x rank), A (n x rank), applied by hooks
@@ -91,6 +96,12 @@ class ESConfig:
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
         _require(self.sigma_scale in SIGMA_SCALES, "es.sigma_scale", f"one of {SIGMA_SCALES}")
         _require(self.mode in ES_MODES, "es.mode", f"one of {ES_MODES}")
+        try:
+            re.compile(self.perturb_only)
+        except re.error as exc:
+            raise ConfigError(
+                f"config field 'es.perturb_only': not a regular expression: {exc}"
+            ) from exc
         _require(self.rank >= 1, "es.rank", "must be >= 1")
         _require(
             self.lowrank_vectors in LOWRANK_VECTORS,

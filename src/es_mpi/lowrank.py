@@ -137,6 +137,8 @@ class PopulationHooks:
         self.members = len(seeds)
         root_r = math.sqrt(self.noise.rank)
         for name in set(self._linear) | set(self._embedding):
+            if not scales[name]:  # frozen tensor: its hooks add nothing
+                continue
             bs, as_ = zip(*(self.noise.factors(s, name) for s in seeds), strict=True)
             coef = torch.tensor(
                 [sign * sigma * scales[name] / root_r for sign in signs], dtype=torch.float32
@@ -149,7 +151,7 @@ class PopulationHooks:
         self._vec = {}
         if self.noise.perturb_vectors:
             for name, shape in self.noise.shapes.items():
-                if len(shape) == 1:
+                if len(shape) == 1 and scales[name]:
                     self._vec[name] = torch.stack(
                         [
                             sign * sigma * scales[name] * self.noise.vector(s, name)
@@ -170,17 +172,21 @@ class PopulationHooks:
         return x.reshape(self.members, -1, x.shape[-1])
 
     def _linear_hook(self, name: str, module: nn.Linear, args, output: torch.Tensor):
-        if not self.members:
+        bias = self._bias_of.get(id(module))
+        if not self.members or (name not in self._a and bias not in self._vec):
             return None
         x = self._rows(args[0])
-        delta = torch.bmm(torch.bmm(x, self._a[name]), self._b[name].transpose(1, 2))
-        bias = self._bias_of.get(id(module))
+        delta = torch.zeros((), dtype=output.dtype, device=output.device)
+        if name in self._a:
+            delta = torch.bmm(torch.bmm(x, self._a[name]), self._b[name].transpose(1, 2))
         if bias in self._vec:
-            delta = delta + self._vec[bias].to(delta.dtype).unsqueeze(1)
-        return output + delta.reshape(output.shape)
+            delta = delta + self._vec[bias].to(output.dtype).unsqueeze(1)
+        return output + delta.expand(self.members, *x.shape[1:-1], output.shape[-1]).reshape(
+            output.shape
+        )
 
     def _embedding_hook(self, name: str, module: nn.Embedding, args, output: torch.Tensor):
-        if not self.members:
+        if not self.members or name not in self._a:
             return None
         ids = args[0].reshape(self.members, -1)  # [M, P*L]
         member = torch.arange(self.members, device=ids.device).unsqueeze(1)
@@ -192,8 +198,9 @@ class PopulationHooks:
         """Run the module once per member with its own perturbed 1-D parameters."""
 
         def hook(module: nn.Module, args, output):
-            if not self.members or self._in_vector_call:  # functional_call re-enters here
-                return None
+            active = {local: name for local, name in vectors.items() if name in self._vec}
+            if not self.members or not active or self._in_vector_call:
+                return None  # (functional_call below re-enters this hook)
             self._rows(args[0])  # checks the row count
             x = args[0].reshape(self.members, -1, *args[0].shape[1:])
             parts = []
@@ -202,7 +209,7 @@ class PopulationHooks:
                 for i in range(self.members):
                     params = {
                         local: getattr(module, local) + self._vec[name][i].to(x.dtype)
-                        for local, name in vectors.items()
+                        for local, name in active.items()
                     }
                     parts.append(functional_call(module, params, (x[i],)))
             finally:

@@ -103,6 +103,8 @@ class MasterWeights:
             return self._materialise_lowrank(member_seed, sign, sigma)
         slot = None if member_seed in self._cache else self._free_slot()
         for name in self.names:
+            if self.scales[name] == 0.0:  # frozen (es.perturb_only): eval copy == master
+                continue
             master, target = self.master[name], self.eval_params[name]
             if slot is None:
                 eps = self._noise(member_seed, name)
@@ -119,7 +121,7 @@ class MasterWeights:
 
     def _materialise_lowrank(self, member_seed: int, sign: int, sigma: float) -> None:
         for name in self.names:
-            dense = self.lowrank.dense(member_seed, name)
+            dense = self.lowrank.dense(member_seed, name) if self.scales[name] else None
             target = self.eval_params[name]
             if dense is None:
                 target.copy_(self.master[name])
@@ -134,6 +136,8 @@ class MasterWeights:
     def apply_update(self, coefficients: list[tuple[int, float]]) -> None:
         """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order."""
         for name in self.names if coefficients else []:
+            if self.scales[name] == 0.0:
+                continue
             master = self.master[name]
             if self.lowrank is not None:
                 acc = self.lowrank.weighted_sum(name, coefficients)

@@ -7,6 +7,7 @@ input ends every rank with the same one-line error and nothing overwritten (inva
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -116,8 +117,18 @@ def sigma_scales(
     if data is not None and "sigma_scales" in data.attrs:
         return json.loads(data.attrs["sigma_scales"])
     if cfg.es.sigma_scale == "per_tensor_std":
-        return per_tensor_std(weights.master)
-    return dict.fromkeys(weights.names, 1.0)
+        scales = per_tensor_std(weights.master)
+    else:
+        scales = dict.fromkeys(weights.names, 1.0)
+    if cfg.es.perturb_only:
+        pattern = re.compile(cfg.es.perturb_only)
+        scales = {n: s if pattern.search(n) else 0.0 for n, s in scales.items()}
+        if not any(scales.values()):
+            raise ConfigError(
+                f"config field 'es.perturb_only': no parameter name matches "
+                f"'{cfg.es.perturb_only}' (e.g. '{weights.names[0]}')"
+            )
+    return scales
 
 
 def replay_rows(
