@@ -49,8 +49,12 @@ def test_rewards_placed_by_member_index(comm_world):
     np.testing.assert_array_equal(rewards, 100.0 + np.arange(population))
 
 
+LOWRANK = {"es.mode": "lowrank", "es.members_per_batch": 3, "es.lowrank_vectors": "full"}
+
+
 @pytest.mark.mpi(min_size=2)
-def test_rank_count_invariance_in_process(comm_world, shared_tmp, shared_model_dir):
+@pytest.mark.parametrize("mode", ["full", "lowrank"])
+def test_rank_count_invariance_in_process(comm_world, shared_tmp, shared_model_dir, mode):
     """The same config trained on all ranks and on rank 0 alone: identical master weights."""
     from mpi4py import MPI
 
@@ -58,13 +62,14 @@ def test_rank_count_invariance_in_process(comm_world, shared_tmp, shared_model_d
     from es_mpi.config import load_config
     from es_mpi.session import start_run
 
-    overrides = small_overrides(shared_model_dir, **{"es.population": 7, "es.iterations": 3})
-    cfg = load_config(None, overrides)
+    extra = {"es.population": 7, "es.iterations": 3, **(LOWRANK if mode == "lowrank" else {})}
+    cfg = load_config(None, small_overrides(shared_model_dir, **extra))
     reference = None
     if comm_world.is_main:
-        reference = start_run(cfg, shared_tmp / "alone", False, Comm(MPI.COMM_SELF)).checksum()
+        alone = shared_tmp / f"alone-{mode}"
+        reference = start_run(cfg, alone, False, Comm(MPI.COMM_SELF)).checksum()
     reference = comm_world.bcast(reference)
-    weights = start_run(cfg, shared_tmp / "together", False, comm_world)
+    weights = start_run(cfg, shared_tmp / f"together-{mode}", False, comm_world)
     checksums = comm_world.allgather(weights.checksum())
     assert checksums == [reference] * comm_world.size
 
