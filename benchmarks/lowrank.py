@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--members", type=int, default=30)
     p.add_argument("--ranks", default="1,4,16")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8")
     args = p.parse_args()
     torch.set_num_threads(1)
     throughput(args.config, args.members, args.repeats, [int(r) for r in args.ranks.split(",")])

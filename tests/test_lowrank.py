@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import small_overrides
 from es_mpi.comm import Comm
 from es_mpi.config import ConfigError, load_config
 from es_mpi.engine import Engine
@@ -16,7 +17,6 @@ from es_mpi.lowrank import LowRankNoise, PopulationHooks
 from es_mpi.strategy import member_population
 from es_mpi.tasks import make_task
 from es_mpi.trainer import Trainer
-from tests.conftest import small_overrides
 
 SEEDS = [11, 12, 13]
 SIGNS = [1, -1, 1]

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 SHAPINGS = ("zscore", "centered_rank")
 SIGMA_SCALES = ("none", "per_tensor_std")
-EVAL_DTYPES = ("float32", "bfloat16", "float16")
+EVAL_DTYPES = ("float32", "bfloat16", "float16", "int8")
 ES_MODES = ("full", "lowrank")
 LOWRANK_VECTORS = ("frozen", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,7 +40,8 @@ class ModelConfig:
     Relative paths are resolved against the working directory. Nothing is downloaded."""
     eval_dtype: str = "float32"
     """dtype of the evaluation copy that perturbed weights are materialised into
-    (float32, bfloat16, float16). Master weights are always float32."""
+    (float32, bfloat16, float16, or int8: weight-only int8 with per-channel scales for the
+    untied Linear layers, full-parameter mode only). Master weights are always float32."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "model.path", "must not be empty")
@@ -109,6 +110,7 @@ class ESConfig:
             f"one of {LOWRANK_VECTORS}",
         )
         _require(self.members_per_batch >= 1, "es.members_per_batch", "must be >= 1")
+        # (model.eval_dtype int8 with es.mode lowrank is refused in Config.__post_init__)
         _require(
             self.members_per_batch == 1 or self.mode == "lowrank",
             "es.members_per_batch",
@@ -263,6 +265,11 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
+        _require(
+            not (self.model.eval_dtype == "int8" and self.es.mode == "lowrank"),
+            "model.eval_dtype",
+            "int8 is for es.mode full (low-rank hooks add to float activations)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ from .comm import Comm
 from .config import Config
 from .modelio import load_model, load_tokenizer, model_class, read_fp32_weights
 from .perturb import MasterWeights
+from .quant import quantise_linears
 
 
 def set_threads(threads: int) -> None:
@@ -65,13 +66,20 @@ class Engine:
         path = model_path or cfg.model.path
         architecture, config = model_class(path)  # imported before the memory baseline
         rss_before = current_rss_bytes()
-        model = load_model(path, cfg.model.eval_dtype, device, architecture, config)
-        master = None
-        if cfg.model.eval_dtype != "float32":  # the master must not be the rounded eval copy
+        int8 = cfg.model.eval_dtype == "int8"
+        load_dtype = "float32" if int8 else cfg.model.eval_dtype
+        model = load_model(path, load_dtype, device, architecture, config)
+        master, int8_targets = None, {}
+        if int8:  # fp32 master first, then the Linear weights become int8
+            master = {n: p.detach().clone() for n, p in model.named_parameters()}
+            int8_targets = quantise_linears(model)
+        elif load_dtype != "float32":  # the master must not be the rounded eval copy
             master = read_fp32_weights(path, [n for n, _ in model.named_parameters()])
             if master is None:
                 raise RuntimeError(f"'{path}': weight names differ from the model's parameters")
-        weights = MasterWeights(model, master, noise_cache_bytes=cfg.es.noise_cache_mb * 2**20)
+        weights = MasterWeights(
+            model, master, cfg.es.noise_cache_mb * 2**20, extra_targets=int8_targets
+        )
         if cfg.es.mode == "lowrank":
             weights.use_lowrank(cfg.es.rank, cfg.es.lowrank_vectors == "full")
         tokenizer = load_tokenizer(path)

@@ -24,11 +24,14 @@ class MasterWeights:
         model: nn.Module,
         master: dict[str, torch.Tensor] | None = None,
         noise_cache_bytes: int = 0,
+        extra_targets: dict | None = None,
     ) -> None:
         """`master`: the fp32 base weights by parameter name, or None to copy them from a
-        float32 `model`. The model's own parameters are the evaluation copy."""
+        float32 `model`. The model's own parameters are the evaluation copy, plus
+        `extra_targets`: tensors stored otherwise (int8 layers, quant.py) by weight name."""
         # named_parameters() drops tied duplicates (e.g. lm_head tied to the embedding).
         self.eval_params: dict[str, torch.Tensor] = dict(model.named_parameters())
+        self.eval_params.update(extra_targets or {})
         self.master: dict[str, torch.Tensor] = {}
         for name, p in self.eval_params.items():
             p.requires_grad_(False)
