@@ -103,7 +103,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path):
         start_new_session=True,
     )
     for line in proc.stdout:
-        if "iter 7/" in line:
+        if "it 7/" in line:
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -117,6 +117,10 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path):
     assert _final_sha(killed) == _final_sha(full)
     with h5py.File(killed / "run.h5", "r") as f:
         assert list(f["iteration"][:]) == list(range(12))  # the counter continued
+    shown = run_cli(["inspect", "--run-dir", str(killed)])
+    assert shown.returncode == 0, shown.stderr
+    assert "train from 0 on 2 rank(s); resume from " in shown.stdout
+    assert "ok: 12 committed iterations" in shown.stdout
 
 
 def test_failure_on_one_rank_aborts_the_job(tiny_model_dir, tmp_path):

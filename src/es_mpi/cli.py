@@ -1,4 +1,4 @@
-"""es-mpi train | resume | replay | inspect | init-model
+"""es-mpi train | resume | replay | eval | inspect | plot | export | pretrain | init-model
 
 Exit codes: 0 success, 1 a failure at run time (the whole MPI job is aborted),
 2 bad input (nothing started, nothing overwritten), 3 replay found a checksum mismatch.
@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set es.sigma=0.002 (repeatable)",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard scalars (= --set runtime.tensorboard=true)",
+    )
     t.add_argument("--help-config", action="store_true", help="list every config field and exit")
 
     r = sub.add_parser("resume", help="continue a run from its log (iteration counter continues)")
@@ -58,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summary of a run")
     i.add_argument("--run-dir", type=Path, required=True)
     i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pl = sub.add_parser("plot", help="PNG of train reward, held-out score and KL of runs")
+    pl.add_argument(
+        "--run-dir", type=Path, action="append", required=True, help="repeat to compare runs"
+    )
+    pl.add_argument("--out", type=Path, help="PNG file (default: FIRST_RUN_DIR/plot.png)")
+
+    x = sub.add_parser("export", help="weights at a logged iteration as an HF directory")
+    x.add_argument("--run-dir", type=Path, required=True)
+    x.add_argument("--iteration", type=int, required=True, help="iterations done (0: the base)")
+    x.add_argument("--out", type=Path, required=True, help="HF directory to write")
+    x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
     pt = sub.add_parser("pretrain", help="pretrain the tiny base model on generated Countdown")
     pt.add_argument("--out", type=Path, required=True)
@@ -96,7 +113,8 @@ def _run(args: argparse.Namespace, comm) -> None:
     # The config is checked before the heavy imports, so bad input fails in a fraction of a second.
     cfg = None
     if args.command == "train":
-        cfg = load_config(args.config, args.set)
+        tensorboard = ["runtime.tensorboard=true"] if args.tensorboard else []
+        cfg = load_config(args.config, [*args.set, *tensorboard])
     elif args.command == "eval":
         task = [f"task.name={args.task}"] if args.task else []
         cfg = load_config(args.config, [*args.set, *task, f"model.path={args.model}"])
@@ -134,7 +152,30 @@ def _inspect(args: argparse.Namespace) -> None:
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, list):
+            value = "; ".join(map(str, value)) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
         print(f"{key:<{width}}  {value}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from .plot import plot_runs
+
+    out = plot_runs(args.run_dir, args.out or args.run_dir[0] / "plot.png")
+    print(f"plot written to {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .session import export_run
+
+    start = export_run(args.run_dir, args.iteration, args.out, args.dtype)
+    print(
+        f"weights after iteration {args.iteration} (checkpoint {start} + replay, checksum "
+        f"verified) written to {args.out} in {args.dtype}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,12 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         fields = {k: v for k, v in vars(args).items() if k != "command"}
         pretrain(PretrainArgs(**{**fields, "out": str(args.out)}))
         return 0
-    if args.command == "inspect":
+    offline = {"inspect": _inspect, "plot": _plot, "export": _export}  # one process, no MPI
+    if args.command in offline:
         try:
-            _inspect(args)
-        except RunLogError as exc:
+            offline[args.command](args)
+        except (RunLogError, ConfigError) as exc:
             print(f"es-mpi: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except ReplayMismatch as exc:
+            print(f"es-mpi: error: {exc}", file=sys.stderr)
+            return EXIT_MISMATCH
         return 0
 
     from .comm import Comm

@@ -234,6 +234,10 @@ class RuntimeConfig:
     """Stop cleanly after the iteration during which this much wall time of the session has
     passed (0: no limit); the run can be resumed. Rank 0's clock decides for all ranks."""
 
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the optional
+    tensorboard package; the run log is always written)."""
+
     def __post_init__(self) -> None:
         _require(self.threads >= 1, "runtime.threads", "must be >= 1")
         _require(self.device in DEVICES, "runtime.device", f"one of {DEVICES}")
@@ -374,6 +378,7 @@ RESUME_SETTABLE = (
     "runtime.time_limit_minutes",
     "runtime.verify_every",
     "runtime.device",
+    "runtime.tensorboard",
     "checkpoint.every",
     "checkpoint.keep",
     "task.eval_every",

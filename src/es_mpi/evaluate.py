@@ -38,6 +38,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.task = task
         self.device = next(model.parameters()).device
+        self.generated_tokens = 0  # running count (metrics: tokens per second)
         # eos/pad set deliberately: a model's own generation_config may lack or differ in them.
         self.generation = GenerationConfig(
             do_sample=False,
@@ -64,6 +65,7 @@ class Evaluator:
         ended = (new == self.tokenizer.eos_token_id).long().cumsum(dim=1)
         # keep tokens before the first end token, and that end token itself
         keep = (ended == 0) | ((ended == 1) & (new == self.tokenizer.eos_token_id))
+        self.generated_tokens += int(keep.sum())
         return out, keep
 
     def completions(self, batch: PromptBatch) -> list[str]:

@@ -98,13 +98,22 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def save_hf_dir(model, tokenizer, master: dict[str, torch.Tensor], out: Path) -> None:
-    """Write `master` as an fp32 HF directory (config.json, model.safetensors, tokenizer)."""
+def save_hf_dir(
+    model, tokenizer, master: dict[str, torch.Tensor], out: Path, dtype: str = "float32"
+) -> None:
+    """Write `master` as an HF directory (config.json, model.safetensors, tokenizer), in
+    float32 (default: the master itself) or rounded once to bfloat16."""
+    torch_dtype = getattr(torch, dtype)
     eval_dtype = model.config.dtype
-    model.config.dtype = torch.float32  # the saved weights are the fp32 master
+    model.config.dtype = torch_dtype
     try:
-        state = {name: t.detach().to("cpu").contiguous() for name, t in master.items()}
+        state = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in master.items()}
         model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     finally:
         model.config.dtype = eval_dtype
+    # save_pretrained records the dtype of the live model's parameters: state the saved one
+    config_path = Path(out) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(str(out))

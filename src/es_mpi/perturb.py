@@ -64,6 +64,7 @@ class MasterWeights:
         self._cache: dict[int, torch.Tensor] = {}  # member seed -> filled slot
         # es.mode lowrank: the perturbations are B A^T / sqrt(r) (see lowrank.py)
         self.lowrank: LowRankNoise | None = None
+        self.update_norm_ratio = 0.0  # of the latest update
 
     def use_lowrank(self, rank: int, perturb_vectors: bool) -> LowRankNoise:
         shapes = {name: t.shape for name, t in self.master.items()}
@@ -137,21 +138,30 @@ class MasterWeights:
             self.eval_params[name].copy_(self.master[name])
 
     def apply_update(self, coefficients: list[tuple[int, float]]) -> None:
-        """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order."""
-        for name in self.names if coefficients else []:
-            if self.scales[name] == 0.0:
-                continue
+        """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order.
+
+        Also sets `update_norm_ratio` = |update| / |master after the update| (a metric)."""
+        update_sq = master_sq = 0.0
+        for name in self.names:
             master = self.master[name]
-            if self.lowrank is not None:
-                acc = self.lowrank.weighted_sum(name, coefficients)
-                if acc is not None:
-                    master.add_(acc, alpha=self.scales[name])
-                continue
-            acc = self._scratch(self._acc_buf, master).zero_()
-            for seed, coef in coefficients:
-                acc.add_(self._noise(seed, name), alpha=coef)
-            master.add_(acc, alpha=self.scales[name])
+            acc = self._update_of(name, coefficients)
+            if acc is not None:
+                master.add_(acc, alpha=self.scales[name])
+                update_sq += (self.scales[name] * float(torch.linalg.vector_norm(acc))) ** 2
+            master_sq += float(torch.linalg.vector_norm(master)) ** 2
+        self.update_norm_ratio = (update_sq / master_sq) ** 0.5 if master_sq else 0.0
         self.clear_noise_cache()
+
+    def _update_of(self, name: str, coefficients: list[tuple[int, float]]) -> torch.Tensor | None:
+        """sum_k coef_k * eps(seed_k) of one tensor (None: nothing to add)."""
+        if not coefficients or self.scales[name] == 0.0:
+            return None
+        if self.lowrank is not None:
+            return self.lowrank.weighted_sum(name, coefficients)
+        acc = self._scratch(self._acc_buf, self.master[name]).zero_()
+        for seed, coef in coefficients:
+            acc.add_(self._noise(seed, name), alpha=coef)
+        return acc
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.master)

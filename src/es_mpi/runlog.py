@@ -25,6 +25,11 @@ SCALARS = {
     "reward_mean": "f8",
     "reward_max": "f8",
     "reward_min": "f8",
+    "reward_std": "f8",
+    "shaped_min": "f8",
+    "shaped_max": "f8",
+    "update_norm_ratio": "f8",  # |theta_new - theta| / |theta|, all tensors together
+    "tokens_per_second": "f8",  # generated tokens of all members / evaluation wall time
     "time_evaluate": "f8",
     "time_perturb": "f8",
     "time_communicate": "f8",
@@ -60,6 +65,7 @@ class IterationRecord:
     shaped: np.ndarray
     checksum: str
     times: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,6 +94,15 @@ def _commit_row(f: h5py.File, counter: str, n: int, row: dict, names) -> None:
     f.flush()
     f.attrs[counter] = n + 1  # the commit point: readers ignore rows past it
     f.flush()
+
+
+def _add_missing_columns(f: h5py.File, rows: int) -> None:
+    """A log written by an older version gains the newer scalar columns (NaN so far)."""
+    for name, dtype in SCALARS.items():
+        if name not in f:
+            f.create_dataset(
+                name, data=np.full(rows, np.nan, dtype=dtype), maxshape=(None,), chunks=(256,)
+            )
 
 
 class RunLog:
@@ -150,7 +165,10 @@ class RunLog:
                     k: (_attr_str(v) if isinstance(v, bytes | str) else v)
                     for k, v in f.attrs.items()
                 }
-                columns = {name: f[name][:done] for name in (*SCALARS, *MEMBER_COLUMNS)}
+                columns = {  # columns added after a log was created read as NaN
+                    name: f[name][:done] if name in f else np.full(done, np.nan)
+                    for name in (*SCALARS, *MEMBER_COLUMNS)
+                }
                 checksums = [c.decode() for c in f["checksum"][:done]]
                 n_heldout = int(f.attrs["heldout_done"])
                 heldout = {name: f[name][:n_heldout] for name in HELDOUT}
@@ -170,6 +188,9 @@ class RunLog:
                 "reward_mean": float(np.mean(record.rewards)),
                 "reward_max": float(np.max(record.rewards)),
                 "reward_min": float(np.min(record.rewards)),
+                "reward_std": float(np.std(record.rewards)),
+                "shaped_min": float(np.min(record.shaped)),
+                "shaped_max": float(np.max(record.shaped)),
                 "member_seeds": record.member_seeds,
                 "member_signs": record.member_signs,
                 "rewards": record.rewards,
@@ -177,7 +198,9 @@ class RunLog:
                 "checksum": record.checksum.encode(),
                 "wall_clock": time.time(),
                 **{f"time_{k}": v for k, v in record.times.items()},
+                **record.metrics,
             }
+            _add_missing_columns(f, n)
             _commit_row(f, "iterations_done", n, row, (*SCALARS, *MEMBER_COLUMNS, "checksum"))
 
     def append_heldout(
@@ -197,12 +220,25 @@ class RunLog:
         with self._open("a") as f:
             n = int(f.attrs["iterations_done"])
             for name in (*SCALARS, *MEMBER_COLUMNS, "checksum"):
-                if f[name].shape[0] != n:
+                if name in f and f[name].shape[0] != n:
                     f[name].resize(n, axis=0)
             n_heldout = int(f.attrs["heldout_done"])
             for name in HELDOUT:
                 f[name].resize(n_heldout, axis=0)
             return n
+
+    def integrity(self) -> str:
+        """One line: committed rows, torn rows past the commit counters, dataset lengths."""
+        with self._open("r") as f:
+            done, n_held = int(f.attrs["iterations_done"]), int(f.attrs["heldout_done"])
+            lengths = {f[n].shape[0] for n in (*SCALARS, *MEMBER_COLUMNS, "checksum") if n in f}
+            held_lengths = {f[n].shape[0] for n in HELDOUT}
+        torn = max(lengths) - done
+        short = min(lengths) < done or min(held_lengths) < n_held
+        if short:
+            return f"DAMAGED: datasets shorter than the {done} committed iterations"
+        extra = f", {torn} torn row(s) past the commit (ignored, cut on resume)" if torn else ""
+        return f"ok: {done} committed iterations, {n_held} held-out evaluations{extra}"
 
     def add_session(self, info: dict) -> None:
         """Record a train/resume session (start iteration, world size, time) in the log."""

@@ -44,8 +44,20 @@ def checked_on_main(comm: Comm, check: Callable[[], Any]) -> Any:
     return result
 
 
+def check_optional_packages(cfg: Config) -> None:
+    if cfg.runtime.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                "config field 'runtime.tensorboard': the tensorboard package is not installed "
+                "(pip install tensorboard), or run without it"
+            ) from exc
+
+
 def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> MasterWeights:
     def prepare() -> None:
+        check_optional_packages(cfg)
         model_dir = check_model_dir(cfg.model.path)
         make_task(cfg.task)  # a bad task name fails here, before the run dir is touched
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -146,9 +158,12 @@ def replay_rows(
             )
 
 
-def restore_master(weights: MasterWeights, cfg: Config, data: LogData, run_dir: Path) -> int:
-    """Bring the master weights to the end of the log: newest valid checkpoint + replay."""
-    done = data.iterations_done
+def restore_master(
+    weights: MasterWeights, cfg: Config, data: LogData, run_dir: Path, upto: int | None = None
+) -> int:
+    """Bring the master weights to iteration `upto` (default: the end of the log): the newest
+    checksum-valid checkpoint at or before it, then replay. Returns the checkpoint used."""
+    done = data.iterations_done if upto is None else upto
     start = 0
     for k, path in reversed(list_checkpoints(run_dir)):
         if 0 < k <= done:
@@ -168,6 +183,7 @@ def resume_run(
     def prepare() -> tuple[Config, LogData, str]:
         cfg, data, model_dir = read_run(run_dir, truncate=True)
         cfg = apply_resume_overrides(cfg, overrides or [])
+        check_optional_packages(cfg)
         if iterations is not None:
             if iterations < data.iterations_done:
                 raise ConfigError(
@@ -221,28 +237,82 @@ def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
     return data.iterations_done
 
 
+def export_run(run_dir: Path, iteration: int, out: Path, dtype: str) -> int:
+    """Weights after `iteration` iterations (checkpoint + replay, checksum-verified) as an
+    HF directory in float32 or bfloat16. Returns the checkpoint the replay started from."""
+    cfg, data, model_dir = read_run(run_dir, truncate=False)
+    if not 0 <= iteration <= data.iterations_done:
+        raise ConfigError(
+            f"--iteration: {iteration} is outside 0..{data.iterations_done} (iterations logged)"
+        )
+    engine = Engine.load(cfg, Comm.serial(), model_path=model_dir)
+    engine.weights.scales = sigma_scales(cfg, engine.weights, data)
+    start = restore_master(engine.weights, cfg, data, run_dir, upto=iteration)
+    if iteration and engine.weights.checksum() != data.checksums[iteration - 1]:
+        raise ReplayMismatch(f"export: checksum mismatch at iteration {iteration - 1}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_hf_dir(engine.model, engine.tokenizer, engine.weights.state_dict(), tmp, dtype)
+    replace_dir(tmp, out)
+    return start
+
+
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    data = RunLog(run_dir / LOG_NAME).read()
+    """What `es-mpi inspect` prints: config highlights, base model, progress, best held-out
+    score, time per iteration, sessions, and the integrity of the log and checkpoints."""
+    log = RunLog(run_dir / LOG_NAME)
+    data = log.read()
     cfg = config_from_dict(yaml.safe_load(data.attrs["config_yaml"]))
-    cols = data.columns
+    cols, held = data.columns, data.heldout
     done = data.iterations_done
-    per_it = cols["time_iteration"]
+    es = cfg.es
+    best = int(np.argmax(held["heldout_accuracy"])) if len(held["heldout_accuracy"]) else None
+    sessions = json.loads(data.attrs.get("sessions", "[]"))
+    checkpoints = list_checkpoints(run_dir)
     return {
         "run_dir": str(run_dir),
+        "task": cfg.task.name,
+        "es": f"{es.mode} N={es.population} sigma={es.sigma:g} alpha={es.alpha:g} "
+        f"{es.shaping} sigma_scale={es.sigma_scale} antithetic={es.antithetic}"
+        + (
+            f" rank={es.rank} members_per_batch={es.members_per_batch}"
+            if es.mode == "lowrank"
+            else ""
+        ),
+        "prompts_per_member": cfg.task.prompts_per_member,
         "model_path": data.attrs["model_path"],
         "model_sha256": data.attrs["model_sha256"],
         "iterations_done": done,
-        "iterations_planned": cfg.es.iterations,
-        "population": cfg.es.population,
-        "sigma": cfg.es.sigma,
-        "alpha": cfg.es.alpha,
-        "task": cfg.task.name,
+        "iterations_planned": es.iterations,
+        "sessions": [f"{x['command']} from {x['start']} on {x['ranks']} rank(s)" for x in sessions],
         "reward_mean_first": float(cols["reward_mean"][0]) if done else None,
         "reward_mean_last": float(cols["reward_mean"][-1]) if done else None,
-        "reward_mean_best": float(np.max(cols["reward_mean"])) if done else None,
-        "seconds_per_iteration_median": float(np.median(per_it)) if done else None,
+        "heldout_first": _heldout_at(held, 0),
+        "heldout_last": _heldout_at(held, -1),
+        "heldout_best": _heldout_at(held, best) if best is not None else None,
+        "seconds_per_iteration_median": float(np.median(cols["time_iteration"])) if done else None,
+        "training_minutes": float(np.sum(cols["time_iteration"]) / 60) if done else 0.0,
         "last_checksum": data.checksums[-1] if done else None,
-        "checkpoints": [k for k, _ in list_checkpoints(run_dir)],
+        "log_integrity": log.integrity(),
+        "checkpoints": {k: _checkpoint_state(path, data, k) for k, path in checkpoints},
         "final_present": (run_dir / "final" / "model.safetensors").is_file(),
-        "sessions": data.attrs.get("sessions", "[]"),
     }
+
+
+def _heldout_at(held: dict[str, np.ndarray], index: int) -> str | None:
+    if not len(held["heldout_accuracy"]):
+        return None
+    return (
+        f"{100 * held['heldout_accuracy'][index]:.1f}% (reward "
+        f"{held['heldout_reward'][index]:.4f}) after {int(held['heldout_iteration'][index])} it"
+    )
+
+
+def _checkpoint_state(path: Path, data: LogData, k: int) -> str:
+    if k > data.iterations_done:
+        return "beyond the log"
+    try:
+        ok = weights_checksum(load_checkpoint(path)) == data.checksums[k - 1]
+    except Exception as exc:  # noqa: BLE001 - report any unreadable file, keep going
+        return f"unreadable ({type(exc).__name__})"
+    return "checksum ok" if ok else "CHECKSUM MISMATCH"

@@ -15,6 +15,7 @@ from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
 from .lowrank import PopulationHooks
 from .modelio import save_hf_dir
 from .perturb import MasterWeights
+from .progress import Progress
 from .runlog import IterationRecord, RunLog
 from .strategy import (
     Population,
@@ -45,6 +46,8 @@ class Trainer:
         self.task = task
         self.run_dir = run_dir
         self.log = log  # rank 0 only
+        self.progress: Progress | None = None  # rank 0 only, made by run()
+        self.logging_seconds: list[float] = []  # rank 0: log append + progress, per iteration
         # A frozen copy of the base model, for tasks that report KL from it (conciseness).
         self.base_model = engine.load_base_copy() if getattr(task, "report_kl", False) else None
         self.evaluator = Evaluator(
@@ -110,15 +113,22 @@ class Trainer:
         # Dealt member by member, not pair by pair: an odd number of pairs would leave one
         # rank two members more; a pair split between ranks costs one extra noise draw only.
         members = self.comm.my_members(es.population, es.members_per_batch)
+        tokens_before = self.evaluator.generated_tokens
         local_rewards, t_perturb = self.evaluate_members(
             members, population, self.prompt_batch(iteration)
         )
         t_evaluated = time.perf_counter()
         rewards = self.comm.gather_rewards(members, population.seeds, local_rewards, es.population)
         t_gathered = time.perf_counter()
+        tokens = self.comm.gather(self.evaluator.generated_tokens - tokens_before)
         shaped = apply_es_update(self.weights, population, rewards, es.shaping, es.alpha)
         t_updated = time.perf_counter()
         checksum = self.agreed_checksum(iteration)
+        metrics = {
+            "update_norm_ratio": self.weights.update_norm_ratio,
+            # all ranks' generated tokens over the time until the slowest rank was done
+            "tokens_per_second": sum(tokens) / (t_gathered - t_start) if tokens else float("nan"),
+        }
         times = {
             "evaluate": t_evaluated - t_start,
             "perturb": t_perturb,
@@ -127,7 +137,7 @@ class Trainer:
             "iteration": time.perf_counter() - t_start,
         }
         return IterationRecord(
-            iteration, population.seeds, population.signs, rewards, shaped, checksum, times
+            iteration, population.seeds, population.signs, rewards, shaped, checksum, times, metrics
         )
 
     def agreed_checksum(self, iteration: int) -> str:
@@ -153,6 +163,13 @@ class Trainer:
                 f"{self.weights.numel:,} parameters, iterations {start}..{total}",
                 flush=True,
             )
+            runtime = self.cfg.runtime
+            self.progress = Progress(
+                total,
+                start,
+                runtime.time_limit_minutes,
+                self.run_dir / "tensorboard" if runtime.tensorboard else None,
+            )
         scored_at = None  # iterations done at the latest held-out evaluation
         if start == 0:
             self.evaluate_heldout(0)
@@ -162,14 +179,21 @@ class Trainer:
         while done < total and not self.time_is_up(session_start):
             record = self.step(done)
             done += 1
-            if self.comm.is_main:
+            t_logged = 0.0
+            if self.comm.is_main:  # the row is on disk before anything else can fail
+                t0 = time.perf_counter()
                 self.log.append(record)
-                self.report(record, total)
-                self.maybe_checkpoint(done, record.checksum)
+                t_logged = time.perf_counter() - t0
+            score = None
             every = self.cfg.task.eval_every
             if every and done % every == 0:
-                self.evaluate_heldout(done)
+                score = self.evaluate_heldout(done)
                 scored_at = done
+            if self.comm.is_main:
+                t0 = time.perf_counter()
+                self.progress.iteration(record, score)
+                self.logging_seconds.append(t_logged + time.perf_counter() - t0)
+                self.maybe_checkpoint(done, record.checksum)
         if scored_at != done:
             self.evaluate_heldout(done)
         self.finish()
@@ -191,24 +215,14 @@ class Trainer:
         )
         if self.comm.is_main:
             self.log.append_heldout(iterations_done, score.reward, score.accuracy, score.kl)
-            kl = "" if self.base_model is None else f" KL to base {score.kl:.5f}"
-            print(
-                f"[es-mpi] held-out after {iterations_done} iterations: accuracy "
-                f"{100 * score.accuracy:.1f}% reward {score.reward:.4f}{kl} "
-                f"({len(self.task.test)} prompts, {time.perf_counter() - t0:.1f}s)",
-                flush=True,
+            self.progress.heldout(
+                iterations_done,
+                score,
+                len(self.task.test),
+                time.perf_counter() - t0,
+                kl=self.base_model is not None,
             )
         return score
-
-    def report(self, record: IterationRecord, total: int) -> None:
-        t = record.times
-        print(
-            f"[es-mpi] iter {record.iteration + 1}/{total} reward mean "
-            f"{record.rewards.mean():.4f} max {record.rewards.max():.4f} | eval "
-            f"{t['evaluate']:.2f}s update {t['update']:.3f}s comm {t['communicate']:.3f}s | "
-            f"{t['iteration']:.2f} s/it",
-            flush=True,
-        )
 
     def maybe_checkpoint(self, iterations_done: int, checksum: str) -> None:
         every = self.cfg.checkpoint.every
@@ -226,6 +240,17 @@ class Trainer:
         rss = self.comm.gather((peak_rss_bytes(), self.engine.rss_before_model))
         if not self.comm.is_main:
             return
+        self.progress.close()
+        if self.logging_seconds:
+            self.log.set_attrs(
+                logging_overhead=json.dumps(
+                    {  # this session: seconds per iteration spent logging and reporting
+                        "median_seconds": float(np.median(self.logging_seconds)),
+                        "max_seconds": float(np.max(self.logging_seconds)),
+                        "iterations": len(self.logging_seconds),
+                    }
+                )
+            )
         self.log.set_attrs(
             memory=json.dumps(
                 {
