@@ -1,7 +1,8 @@
 """es-mpi train | resume | replay | eval | inspect | plot | export | pretrain | init-model
 
 Exit codes: 0 success, 1 a failure at run time (the whole MPI job is aborted),
-2 bad input (nothing started, nothing overwritten), 3 replay found a checksum mismatch.
+2 bad input (nothing started, nothing overwritten), 3 replay found a checksum mismatch,
+75 stopped early by SIGTERM/SIGUSR1 at an iteration boundary (resume continues it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+EXIT_FAILURE, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 1, 2, 3, 75
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--config", type=Path, help="YAML config for the task settings")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for command in (t, r, e):
+        command.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            help="shortcut for --set runtime.device=... (cuda: one GPU per rank)",
+        )
 
     i = sub.add_parser("inspect", help="summary of a run")
     i.add_argument("--run-dir", type=Path, required=True)
@@ -112,6 +120,8 @@ def _run(args: argparse.Namespace, comm) -> None:
 
     # The config is checked before the heavy imports, so bad input fails in a fraction of a second.
     cfg = None
+    if getattr(args, "device", None):
+        args.set.append(f"runtime.device={args.device}")
     if args.command == "train":
         tensorboard = ["runtime.tensorboard=true"] if args.tensorboard else []
         cfg = load_config(args.config, [*args.set, *tensorboard])
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         _help_config()
         return 0
     from .config import ConfigError
-    from .runlog import ReplayMismatch, RunLogError
+    from .runlog import Interrupted, ReplayMismatch, RunLogError
 
     if args.command == "init-model":
         from .tiny_model import build_tiny_llama
@@ -223,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if comm.is_main:  # every rank replays the same log and finds the same mismatch
             print(f"es-mpi: error: {exc}", file=sys.stderr)
         return EXIT_MISMATCH
+    except Interrupted:  # every rank stopped after the same iteration; resumable
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - one failure stops all (invariant 6)
         _fail(comm, exc)
     return 0

@@ -24,6 +24,7 @@ SHAPINGS = ("zscore", "centered_rank")
 SIGMA_SCALES = ("none", "per_tensor_std")
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "int8")
 ES_MODES = ("full", "lowrank")
+NONFINITE_POLICIES = ("fail", "worst")
 LOWRANK_VECTORS = ("frozen", "full")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -73,6 +74,10 @@ class ESConfig:
     """Regular expression on parameter names (re.search): only matching tensors are
     perturbed and updated, the others stay frozen (empty: all tensors). Applied through the
     per-tensor scales stored in the run log (a frozen tensor has scale 0)."""
+    nonfinite_rewards: str = "fail"
+    """A NaN or infinite member reward: fail (stop the job naming the member, its seed and
+    the rank that scored it) or worst (score it as the lowest finite reward of the
+    iteration; the replaced value is what the log keeps)."""
     mode: str = "full"
     """full: Gaussian noise on every parameter, materialised per member. lowrank: each 2-D
     weight (m x n) gets B A^T / sqrt(rank) with B (m x rank), A (n x rank), applied by hooks
@@ -97,6 +102,11 @@ class ESConfig:
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
         _require(self.sigma_scale in SIGMA_SCALES, "es.sigma_scale", f"one of {SIGMA_SCALES}")
         _require(self.mode in ES_MODES, "es.mode", f"one of {ES_MODES}")
+        _require(
+            self.nonfinite_rewards in NONFINITE_POLICIES,
+            "es.nonfinite_rewards",
+            f"one of {NONFINITE_POLICIES}",
+        )
         try:
             re.compile(self.perturb_only)
         except re.error as exc:

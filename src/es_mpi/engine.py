@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,21 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but CUDA is not available on this node")
+    make_cuda_deterministic()
+    # CUDA_VISIBLE_DEVICES already narrowed by the scheduler is honoured: torch numbers the
+    # visible devices only, and node-local rank k takes the k-th of them.
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def make_cuda_deterministic() -> None:
+    """Deterministic GPU kernels, so a member's reward does not depend on run-to-run kernel
+    choices (rank-count invariance on GPU, DESIGN.md invariant 1). cuBLAS reads its
+    workspace setting when it first initialises, hence before any CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def current_rss_bytes() -> int:

@@ -52,6 +52,10 @@ class RunLogError(RuntimeError):
     """The run log is missing, unreadable or inconsistent with what is asked of it."""
 
 
+class Interrupted(Exception):
+    """The run stopped early on a signal at an iteration boundary; resumable (exit 75)."""
+
+
 class ReplayMismatch(RuntimeError):
     """Weights rebuilt from the log differ from a logged checksum."""
 

@@ -94,3 +94,11 @@ def update_coefficients(
     ):
         coefs[seed] = coefs.get(seed, 0.0) + alpha / n * sign * weight
     return [(seed, c) for seed, c in coefs.items() if c != 0.0]
+
+
+def replace_nonfinite(rewards: np.ndarray) -> np.ndarray:
+    """NaN / +-inf rewards replaced by the lowest finite reward (0.0 if none is finite)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    finite = np.isfinite(r)
+    worst = float(r[finite].min()) if finite.any() else 0.0
+    return np.where(finite, r, worst)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,17 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import replace_dir, save_checkpoint
+from .comm import deal_members
 from .engine import Engine, peak_rss_bytes
 from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
 from .lowrank import PopulationHooks
 from .modelio import save_hf_dir
 from .perturb import MasterWeights
 from .progress import Progress
-from .runlog import IterationRecord, RunLog
+from .runlog import Interrupted, IterationRecord, RunLog
 from .strategy import (
     Population,
     member_population,
     prompt_indices,
+    replace_nonfinite,
     shape_rewards,
     update_coefficients,
 )
@@ -48,6 +52,7 @@ class Trainer:
         self.log = log  # rank 0 only
         self.progress: Progress | None = None  # rank 0 only, made by run()
         self.logging_seconds: list[float] = []  # rank 0: log append + progress, per iteration
+        self.stop_signal: str | None = None  # name of a stop signal received
         # A frozen copy of the base model, for tasks that report KL from it (conciseness).
         self.base_model = engine.load_base_copy() if getattr(task, "report_kl", False) else None
         self.evaluator = Evaluator(
@@ -119,6 +124,7 @@ class Trainer:
         )
         t_evaluated = time.perf_counter()
         rewards = self.comm.gather_rewards(members, population.seeds, local_rewards, es.population)
+        rewards = self.check_finite(rewards, population, iteration)
         t_gathered = time.perf_counter()
         tokens = self.comm.gather(self.evaluator.generated_tokens - tokens_before)
         shaped = apply_es_update(self.weights, population, rewards, es.shaping, es.alpha)
@@ -138,6 +144,26 @@ class Trainer:
         }
         return IterationRecord(
             iteration, population.seeds, population.signs, rewards, shaped, checksum, times, metrics
+        )
+
+    def check_finite(self, rewards: np.ndarray, population: Population, iteration: int):
+        """Apply es.nonfinite_rewards; every rank sees the same vector and decides alike."""
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        if not len(bad):
+            return rewards
+        es = self.cfg.es
+        if es.nonfinite_rewards == "worst":
+            return replace_nonfinite(rewards)
+        n = int(bad[0])
+        rank = next(
+            r
+            for r in range(self.comm.size)
+            if n in deal_members(es.population, self.comm.size, r, es.members_per_batch)
+        )
+        raise FloatingPointError(
+            f"reward {rewards[n]} of member {n} (seed {int(population.seeds[n])}) in iteration "
+            f"{iteration}, scored on rank {rank} ({len(bad)} non-finite in all; "
+            "es.nonfinite_rewards=worst scores them as the lowest finite reward)"
         )
 
     def agreed_checksum(self, iteration: int) -> str:
@@ -176,7 +202,13 @@ class Trainer:
             scored_at = 0
         session_start = time.monotonic()
         done = start
-        while done < total and not self.time_is_up(session_start):
+        self.install_stop_signals()
+        while done < total:
+            reason = self.stop_reason(session_start)
+            if reason == "time limit":
+                break
+            if reason is not None:  # a signal: leave quickly, resumable, no held-out/final
+                self.interrupt(done, reason)
             record = self.step(done)
             done += 1
             t_logged = 0.0
@@ -198,13 +230,48 @@ class Trainer:
             self.evaluate_heldout(done)
         self.finish()
 
-    def time_is_up(self, session_start: float) -> bool:
-        """Rank 0 decides (one clock), every rank stops after the same iteration."""
+    def install_stop_signals(self) -> None:
+        """SIGTERM / SIGUSR1 (a scheduler's warning before the wall-time limit, or a
+        preemption) ask every rank to stop at the end of the current iteration. A second
+        signal kills at once."""
+
+        def handler(signum, frame) -> None:
+            if self.stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.stop_signal = signal.Signals(signum).name
+
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, handler)
+
+    def stop_reason(self, session_start: float) -> str | None:
+        """Collective: a signal on any rank, or rank 0's clock past the time limit, stops
+        every rank after the same iteration."""
         limit = self.cfg.runtime.time_limit_minutes
-        if not limit:
-            return False
-        up = time.monotonic() - session_start >= 60 * limit
-        return bool(self.comm.bcast(up))
+        reason = self.stop_signal
+        if reason is None and self.comm.is_main and limit:
+            if time.monotonic() - session_start >= 60 * limit:
+                reason = "time limit"
+        return next((r for r in self.comm.allgather(reason) if r), None)
+
+    def interrupt(self, done: int, reason: str) -> None:
+        """Checkpoint the master (rank 0) and leave with Interrupted (exit code 75)."""
+        if self.comm.is_main:
+            checksum = self.weights.checksum()
+            save_checkpoint(
+                self.run_dir,
+                done,
+                self.weights.state_dict(),
+                checksum,
+                self.cfg.checkpoint.keep,
+            )
+            self.progress.close()
+            print(
+                f"[es-mpi] {reason}: stopped after iteration {done} (checkpoint written); "
+                f"continue with: es-mpi resume --run-dir {self.run_dir}",
+                flush=True,
+            )
+        raise Interrupted(reason)
 
     def evaluate_heldout(self, iterations_done: int) -> HeldoutScore:
         """Score the unperturbed master on the held-out split; rank 0 logs and prints it."""
