@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="start a new run")
     t.add_argument("--config", type=Path, help="YAML config (defaults apply to what it omits)")
-    t.add_argument("--run-dir", type=Path, required=True, help="directory of the run (created)")
+    t.add_argument("--run-dir", type=Path, help="directory of the run (created; required)")
     t.add_argument(
         "--set",
         action="append",
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.help_config:
         _help_config()
         return 0
+    if args.command == "train" and args.run_dir is None:
+        print(
+            "es-mpi train: error: the following arguments are required: --run-dir", file=sys.stderr
+        )
+        return EXIT_USAGE
     from .config import ConfigError
     from .runlog import Interrupted, ReplayMismatch, RunLogError
 
