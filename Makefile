@@ -36,6 +36,8 @@ run: install
 
 bench: install
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/lowrank.py
+	$(PY) benchmarks/failures.py
 
 # Held-out accuracy against wall time for 3 run seeds (30 minutes of training on 2 cores).
 bench-learning: install

@@ -81,7 +81,9 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--oversubscribed", default="4,8", help="rank counts run beyond the cores")
     args = p.parse_args()
+    extra_ranks = [int(n) for n in args.oversubscribed.split(",") if n]
     overrides = [f"es.iterations={args.iterations}", "checkpoint.every=0", *args.set]
     print(
         f"config {args.config.name} {' '.join(overrides)}; {args.repeats} repeats, "
@@ -89,6 +91,7 @@ def main() -> None:
     )
 
     shares, speedups, t1s, t2s, per_member = [], [], [], [], {1: [], 2: []}
+    overhead: dict[int, list[float]] = {n: [] for n in extra_ranks}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             one, _ = read_log(train(Path(tmp) / f"n1-{r}", 1, args.config, overrides))
@@ -106,6 +109,9 @@ def main() -> None:
                 per_member[ranks].append(float(np.median(generate)))
             share = (two["time_perturb"] + two["time_update"]) / two["time_iteration"]
             shares.extend(share.tolist())
+            for n in extra_ranks:  # more ranks than cores: the cost against -n 2
+                cols, _ = read_log(train(Path(tmp) / f"n{n}-{r}", n, args.config, overrides))
+                overhead[n].append(float(np.median(cols["time_iteration"])) / t2)
         memory = measure_memory(Path(tmp), args.config)
 
     print("\n1. noise + materialise + update, share of iteration time at -n 2 (target <= 5%)")
@@ -124,6 +130,8 @@ def main() -> None:
         f"   generation time per member, -n 2 / -n 1 (two ranks sharing the machine): "
         f"{fmt(slowdown, 'x')}"
     )
+    for n, ratios in overhead.items():
+        print(f"   -n {n} (oversubscribed) / -n 2 iteration time: {fmt(ratios, 'x')}")
     print("\n3. peak RSS per rank above the pre-model baseline / fp32 model size (target <= 1.6x)")
     for label, mem in memory.items():
         size = mem["master_fp32_bytes"]

@@ -139,8 +139,14 @@ def disk_trouble(run_dir: Path, model_dir: Path, mount: Path, kind: str) -> Outc
                         f.write(b"\0" * 65536)
                 except OSError:
                     pass
-        else:
-            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        else:  # refused while a file is open for writing: retry until between writes
+            for _ in range(500):
+                remount = ["mount", "-o", "remount,ro", str(mount)]
+                if subprocess.run(remount, capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.01)
+            else:
+                raise RuntimeError(f"could not remount {mount} read-only")
         return time.time()
 
     cmd = train_command(run_dir, model_dir, 2, **{"es.iterations": 40, "checkpoint.every": 1})
