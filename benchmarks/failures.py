@@ -19,14 +19,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import subprocess  # noqa: E402
 
+from es_mpi.tiny_model import build_tiny_llama  # noqa: E402
 from scenarios import (  # noqa: E402
     disk_trouble,
     kill_one_rank,
     signal_all,
     stamped_failure,
 )
-
-from es_mpi.tiny_model import build_tiny_llama  # noqa: E402
 
 
 def main() -> None:

@@ -90,8 +90,9 @@ def run_until(cmd: list[str], marker: str, action, env: dict | None = None) -> O
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
     ended = time.time()
-    return Outcome(proc.returncode, ended - failed_at if failed_at else float("nan"),
-                   "".join(lines) + out, err)
+    return Outcome(
+        proc.returncode, ended - failed_at if failed_at else float("nan"), "".join(lines) + out, err
+    )
 
 
 def stamped_failure(run_dir: Path, model_dir: Path, task: str, **extra) -> Outcome:

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from conftest import run_cli, small_overrides
 from scenarios import disk_trouble, kill_one_rank, signal_all, stamped_failure
 
@@ -127,9 +128,7 @@ def tmpfs(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["full", "readonly"])
-def test_full_or_readonly_disk_stops_the_job_and_the_log_resumes(
-    tiny_model_dir, tmpfs, kind
-):
+def test_full_or_readonly_disk_stops_the_job_and_the_log_resumes(tiny_model_dir, tmpfs, kind):
     run_dir = tmpfs / "run"
     outcome = disk_trouble(run_dir, tiny_model_dir, tmpfs, kind)
     assert outcome.returncode != 0
