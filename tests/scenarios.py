@@ -133,13 +133,15 @@ def disk_trouble(run_dir: Path, model_dir: Path, mount: Path, kind: str) -> Outc
     iteration 2. `mount` must be a tmpfs this process may remount."""
 
     def act(proc) -> float:
-        if kind == "full":
+        if kind == "full":  # the failure may strike while filling: time from the start
+            started = time.time()
             with open(mount / "filler", "wb") as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
                 except OSError:
                     pass
+            return started
         else:  # refused while a file is open for writing: retry until between writes
             for _ in range(500):
                 remount = ["mount", "-o", "remount,ro", str(mount)]

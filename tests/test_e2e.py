@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,8 +12,9 @@ import h5py
 import pytest
 from safetensors.torch import load_file
 
-from conftest import MPIEXEC, ROOT, run_cli, small_overrides
+from conftest import MPIEXEC, run_cli, small_overrides
 from es_mpi.perturb import weights_checksum
+from scenarios import run_until
 
 pytestmark = pytest.mark.slow
 
@@ -85,28 +85,9 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path):
     assert run_cli(_train_args(full, tiny_model_dir, **extra)).returncode == 0
 
     killed = tmp_path / "killed"
-    cmd = [
-        MPIEXEC,
-        "-n",
-        "2",
-        sys.executable,
-        "-m",
-        "es_mpi",
-        *_train_args(killed, tiny_model_dir, **extra),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    for line in proc.stdout:
-        if "it 7/" in line:
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "es_mpi"]
+    cmd += _train_args(killed, tiny_model_dir, **extra)
+    run_until(cmd, "it 7/", lambda proc: os.killpg(proc.pid, signal.SIGKILL))
     done = run_cli(["inspect", "--run-dir", str(killed), "--json"])
     assert done.returncode == 0, done.stderr
     assert not (killed / "final").exists()

@@ -51,10 +51,10 @@ def test_weighted_sum_matches_sum_of_dense_perturbations():
     assert frozen.weighted_sum("v", coefs) is None and frozen.dense(1, "v") is None
 
 
-@pytest.mark.parametrize("vectors", ["frozen", "full"])
-def test_batched_hooks_equal_materialised_members(tiny_model_dir, vectors):
+@pytest.mark.parametrize(("rank", "vectors"), [(1, "frozen"), (2, "full"), (4, "frozen")])
+def test_batched_hooks_equal_materialised_members(tiny_model_dir, rank, vectors):
     """Several members in one forward pass == each member alone on W + sigma B A^T/sqrt(r)."""
-    engine = lowrank_engine(tiny_model_dir, **{"es.rank": 2, "es.lowrank_vectors": vectors})
+    engine = lowrank_engine(tiny_model_dir, **{"es.rank": rank, "es.lowrank_vectors": vectors})
     weights, model = engine.weights, engine.model
     task = make_task(engine.cfg.task)
     evaluator = Evaluator(model, engine.tokenizer, task, 6)

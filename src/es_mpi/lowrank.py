@@ -87,6 +87,8 @@ class PopulationHooks:
         self.members: int = 0
         self._b: dict[str, torch.Tensor] = {}  # name -> [M, m, r], times c_i
         self._a: dict[str, torch.Tensor] = {}  # name -> [M, n, r]
+        self._bt: dict[str, torch.Tensor] = {}  # name -> [M, r, m] (Linear's orientation)
+        self._at: dict[str, torch.Tensor] = {}  # name -> [M, r, n]
         self._vec: dict[str, torch.Tensor] = {}  # name -> [M, len] scaled vector noise
         self._handles = []
         self._linear: dict[str, list[nn.Module]] = {}
@@ -147,7 +149,9 @@ class PopulationHooks:
             a = torch.stack(as_)  # [M, n, r]
             # in the activations' dtype: the hooks add to outputs of that dtype
             self._b[name] = b.to(dtype)
+            self._bt[name] = self._b[name].transpose(1, 2).contiguous()  # [M, r, m]
             self._a[name] = a.to(dtype)
+            self._at[name] = self._a[name].transpose(1, 2).contiguous()  # [M, r, n]
         self._vec = {}
         if self.noise.perturb_vectors:
             for name, shape in self.noise.shapes.items():
@@ -161,7 +165,7 @@ class PopulationHooks:
 
     def deactivate(self) -> None:
         self.members = 0
-        self._b, self._a, self._vec = {}, {}, {}
+        self._b, self._bt, self._a, self._at, self._vec = {}, {}, {}, {}, {}
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """[M*P, ..., d] -> [M, P*..., d]: the rows of each member side by side."""
@@ -176,14 +180,18 @@ class PopulationHooks:
         if not self.members or (name not in self._a and bias not in self._vec):
             return None
         x = self._rows(args[0])
-        delta = torch.zeros((), dtype=output.dtype, device=output.device)
-        if name in self._a:
-            delta = torch.bmm(torch.bmm(x, self._a[name]), self._b[name].transpose(1, 2))
+        output = output.contiguous()  # (already is: then this is the same tensor)
+        out = output.view(self.members, -1, output.shape[-1])
+        if name in self._a and self.noise.rank == 1:
+            # rank 1: batched matrix-vector products are slow on CPU; the same sums as
+            # elementwise products, ~4x faster here: out += (x . a_i) (c_i b_i)^T
+            xa = (x * self._at[name]).sum(dim=-1, keepdim=True)  # [M, rows, 1]
+            out.addcmul_(xa, self._bt[name])
+        elif name in self._a:  # out += (x A_i) (c_i B_i)^T, the add fused into the product
+            out.baddbmm_(torch.bmm(x, self._a[name]), self._bt[name])
         if bias in self._vec:
-            delta = delta + self._vec[bias].to(output.dtype).unsqueeze(1)
-        return output + delta.expand(self.members, *x.shape[1:-1], output.shape[-1]).reshape(
-            output.shape
-        )
+            out.add_(self._vec[bias].to(output.dtype).unsqueeze(1))
+        return output
 
     def _embedding_hook(self, name: str, module: nn.Embedding, args, output: torch.Tensor):
         if not self.members or name not in self._a:

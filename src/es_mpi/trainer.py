@@ -257,14 +257,7 @@ class Trainer:
     def interrupt(self, done: int, reason: str) -> None:
         """Checkpoint the master (rank 0) and leave with Interrupted (exit code 75)."""
         if self.comm.is_main:
-            checksum = self.weights.checksum()
-            save_checkpoint(
-                self.run_dir,
-                done,
-                self.weights.state_dict(),
-                checksum,
-                self.cfg.checkpoint.keep,
-            )
+            self.checkpoint(done, self.weights.checksum())
             self.progress.close()
             print(
                 f"[es-mpi] {reason}: stopped after iteration {done} (checkpoint written); "
@@ -294,13 +287,11 @@ class Trainer:
     def maybe_checkpoint(self, iterations_done: int, checksum: str) -> None:
         every = self.cfg.checkpoint.every
         if every and iterations_done % every == 0:
-            save_checkpoint(
-                self.run_dir,
-                iterations_done,
-                self.weights.state_dict(),
-                checksum,
-                self.cfg.checkpoint.keep,
-            )
+            self.checkpoint(iterations_done, checksum)
+
+    def checkpoint(self, iterations_done: int, checksum: str) -> None:
+        state = self.weights.state_dict()
+        save_checkpoint(self.run_dir, iterations_done, state, checksum, self.cfg.checkpoint.keep)
 
     def finish(self) -> None:
         """Write final/ (rank 0) and the per-rank peak memory into the log."""
