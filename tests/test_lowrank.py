@@ -123,3 +123,54 @@ def test_unit_scale_of_lowrank_matches_full_noise():
     stds = [float(noise.dense(s, "w").std()) for s in range(20)]
     assert abs(np.mean(stds) - 1.0) < 0.05
     assert math.isclose(noise.rank, 16)
+
+
+def _materialised_vs_batched(model, rank: int, vectors: bool, input_ids: torch.Tensor):
+    from es_mpi.perturb import MasterWeights
+
+    weights = MasterWeights(model)
+    noise = weights.use_lowrank(rank, perturb_vectors=vectors)
+    alone = []
+    for seed, sign in zip(SEEDS, SIGNS, strict=True):
+        weights.materialise(seed, sign, 0.05)
+        with torch.no_grad():
+            alone.append(model(input_ids).logits)
+    weights.load_master()
+    hooks = PopulationHooks(model, noise)
+    hooks.activate(SEEDS, SIGNS, 0.05, weights.scales, torch.float32)
+    with torch.no_grad():
+        batched = model(input_ids.repeat(len(SEEDS), 1)).logits
+    hooks.remove()
+    return torch.cat(alone), batched
+
+
+def test_qwen2_with_biases_and_perturbed_vectors():
+    """Qwen2 (q/k/v biases, untied head): batched hooks == materialised members."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    assert any(n.endswith("q_proj.bias") for n, _ in model.named_parameters())
+    ids = torch.randint(0, 50, (3, 7))
+    alone, batched = _materialised_vs_batched(model, 1, True, ids)
+    assert torch.allclose(alone, batched, atol=1e-4)
+
+
+def test_gpt2_conv1d_is_refused_naming_the_module():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from es_mpi.perturb import MasterWeights
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
+    weights = MasterWeights(model)
+    with pytest.raises(TypeError, match="transformer.h.0.attn.c_attn.*Conv1D"):
+        PopulationHooks(model, weights.use_lowrank(1, perturb_vectors=False))
