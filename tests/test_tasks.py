@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import run_cli
 from es_mpi.config import ConfigError, load_config
@@ -176,3 +177,17 @@ def test_k3_kl_is_zero_against_itself_and_positive_otherwise(tiny_config):
             p.add_(0.05 * torch.randn_like(p))
     moved = heldout_score(evaluator, task.test, Comm.serial(), 4, base_model=base)
     assert moved.kl > 0.0
+
+
+def test_noise_robust_pretraining_restores_clean_weights():
+    from es_mpi.pretrain import _perturb, _unperturb
+    from es_mpi.tiny_model import tiny_llama
+
+    model, _ = tiny_llama(32, 1, 2, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    clean = _perturb(model, 0.5, torch.Generator().manual_seed(0))
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
+    assert any(moved)
+    _unperturb(model, clean)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert _perturb(model, 0.0, torch.Generator()) == []

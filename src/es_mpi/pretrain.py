@@ -34,6 +34,9 @@ class PretrainArgs:
     threads: int = 2
     config: str = "configs/default.yaml"
     """Task settings (template, number ranges, held-out split) come from this config."""
+    weight_noise: float = 0.0
+    """Noise-robust training: each step's loss is taken at weights + N(0, (weight_noise x
+    the tensor's std)^2), the gradient applied to the clean weights (0: plain training)."""
 
 
 def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
@@ -50,6 +53,25 @@ def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
     lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     return ids, mask, lab
+
+
+@torch.no_grad()
+def _perturb(model, scale: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Add scaled Gaussian noise to every weight; returns the clean weights to restore."""
+    if not scale:
+        return []
+    clean = []
+    for p in model.parameters():
+        clean.append(p.detach().clone())
+        p.add_(torch.randn(p.shape, generator=generator), alpha=scale * float(p.std()))
+    return clean
+
+
+@torch.no_grad()
+def _unperturb(model, clean: list[torch.Tensor]) -> None:
+    """Restore the clean weights exactly ((w + e) - e is not always w in floating point)."""
+    for p, weights in zip(model.parameters(), clean, strict=False):
+        p.copy_(weights)
 
 
 def pretrain(args: PretrainArgs) -> dict:
@@ -70,6 +92,7 @@ def pretrain(args: PretrainArgs) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 1 - s / args.steps)
     )
+    generator = torch.Generator().manual_seed(args.seed + 2)
     start = time.perf_counter()
     model.train()
     for step in range(args.steps):
@@ -79,9 +102,11 @@ def pretrain(args: PretrainArgs) -> dict:
             [task.example(p).prompt for p in chunk],
             [TINY_ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
         )
+        clean = _perturb(model, args.weight_noise, generator)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
+        _unperturb(model, clean)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
