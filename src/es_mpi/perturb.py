@@ -141,15 +141,17 @@ class MasterWeights:
         """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order.
 
         Also sets `update_norm_ratio` = |update| / |master after the update| (a metric)."""
-        update_sq = master_sq = 0.0
+        update_norms, master_norms = [], []  # kept as tensors: one device sync at the end
         for name in self.names:
             master = self.master[name]
             acc = self._update_of(name, coefficients)
             if acc is not None:
                 master.add_(acc, alpha=self.scales[name])
-                update_sq += (self.scales[name] * float(torch.linalg.vector_norm(acc))) ** 2
-            master_sq += float(torch.linalg.vector_norm(master)) ** 2
-        self.update_norm_ratio = (update_sq / master_sq) ** 0.5 if master_sq else 0.0
+                update_norms.append(torch.linalg.vector_norm(acc) * abs(self.scales[name]))
+            master_norms.append(torch.linalg.vector_norm(master))
+        update = float(torch.linalg.vector_norm(torch.stack(update_norms))) if update_norms else 0.0
+        weights = float(torch.linalg.vector_norm(torch.stack(master_norms)))
+        self.update_norm_ratio = update / weights if weights else 0.0
         self.clear_noise_cache()
 
     def _update_of(self, name: str, coefficients: list[tuple[int, float]]) -> torch.Tensor | None:
