@@ -54,6 +54,8 @@ model: install
 pretrain-model: install
 	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown --steps 250 --seed 0 --threads 2 \
 		--config configs/default.yaml
+	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-robust --steps 250 --seed 0 \
+		--threads 2 --weight-noise 0.1 --config configs/default.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

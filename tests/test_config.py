@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_cli, small_overrides
+from conftest import ROOT, run_cli, small_overrides
 from es_mpi.config import Config, ConfigError, describe_fields, load_config
 
 
@@ -82,3 +82,9 @@ def test_cli_existing_run_dir_is_not_overwritten(tiny_model_dir, tmp_path):
 def test_string_fields_keep_text_yaml_would_read_as_a_mapping():
     cfg = load_config(None, ["task.countdown.template={context}", "task.name=countdown"])
     assert cfg.task.countdown.template == "{context}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_existing_models(path):
+    cfg = load_config(path)
+    assert (ROOT / cfg.model.path / "config.json").is_file()
