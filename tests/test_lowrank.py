@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -122,7 +120,6 @@ def test_unit_scale_of_lowrank_matches_full_noise():
     noise = LowRankNoise({"w": torch.Size((64, 64))}, rank=16, perturb_vectors=False, device="cpu")
     stds = [float(noise.dense(s, "w").std()) for s in range(20)]
     assert abs(np.mean(stds) - 1.0) < 0.05
-    assert math.isclose(noise.rank, 16)
 
 
 def _materialised_vs_batched(model, rank: int, vectors: bool, input_ids: torch.Tensor):
