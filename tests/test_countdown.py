@@ -111,3 +111,17 @@ def test_partial_credit_for_the_right_numbers_only():
     assert countdown_reward(wrong_value, NUMS, TARGET, partial=0.3) == pytest.approx(0.4)
     assert countdown_reward(wrong_numbers, NUMS, TARGET, partial=0.3) == pytest.approx(0.1)
     assert countdown_reward(GOOD, NUMS, TARGET, partial=0.3) == pytest.approx(1.1)
+
+
+def test_graded_partial_credit_counts_the_given_numbers_used():
+    def graded(answer: str) -> float:
+        text = f"<think>x</think>\n<answer>{answer}</answer>"
+        return countdown_reward(text, NUMS, TARGET, partial=0.3, graded=True)
+
+    assert graded("44+19+35") == pytest.approx(1.1)  # right answer: full reward, not partial
+    assert graded("44*19-35") == pytest.approx(0.1 + 0.3)  # all three numbers, wrong value
+    assert graded("44+19+36") == pytest.approx(0.1 + 0.3 * 2 / 3)  # two of three
+    assert graded("44+44+44") == pytest.approx(0.1 + 0.3 * 1 / 3)  # reuse counts once
+    assert graded("44+19+35+1") == pytest.approx(0.1 + 0.3 * 3 / 4)  # extra number
+    assert graded("1+2") == pytest.approx(0.1)  # none of them
+    assert graded("44+(19") == pytest.approx(0.1)  # unparseable: no answer credit

@@ -173,6 +173,10 @@ class CountdownConfig:
     partial_credit: float = 0.0
     """Answer reward for an expression that uses exactly the given numbers but misses the
     target (0: the paper's reward). Held-out accuracy counts right answers only."""
+    partial_credit_per_number: bool = False
+    """Graded partial credit: any parseable wrong answer earns partial_credit x (given numbers
+    it uses, multiset match) / max(numbers given, numbers used), so two of three right
+    numbers earn 2/3 of it: a denser signal for ES on a weak base."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.min_numbers <= 6, "task.countdown.min_numbers", "must be in 1..6")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,19 @@ def format_score(text: str) -> float:
     return score
 
 
-def answer_score(text: str, numbers: list[int], target: float, partial: float = 0.0) -> float:
+def number_overlap(used: list[int], numbers: list[int]) -> float:
+    """Given numbers the expression uses (multiset match) / max(numbers given, numbers used):
+    1.0 exactly when it uses each given number once and nothing else."""
+    matched = sum((Counter(used) & Counter(numbers)).values())
+    return matched / max(len(used), len(numbers))
+
+
+def answer_score(
+    text: str, numbers: list[int], target: float, partial: float = 0.0, graded: bool = False
+) -> float:
     """1.0 for a right answer; `partial` for one that uses exactly the given numbers but
-    misses the target (0 in the paper's reward)."""
+    misses the target (0 in the paper's reward); with `graded`, partial x number_overlap for
+    any parseable answer that is not right."""
     answers = _ANSWER.findall(text)
     if not answers:
         return 0.0
@@ -51,20 +62,28 @@ def answer_score(text: str, numbers: list[int], target: float, partial: float = 
     if result is None:
         return 0.0
     value, used = result
-    if sorted(used) != sorted(numbers):
-        return 0.0
-    return 1.0 if abs(value - target) < 1e-5 else partial
+    overlap = number_overlap(used, numbers)
+    if overlap == 1.0 and abs(value - target) < 1e-5:
+        return 1.0
+    if graded:
+        return partial * overlap
+    return partial if overlap == 1.0 else 0.0
 
 
 def countdown_reward(
-    completion: str, numbers: list[int], target: float, prefix: str = "", partial: float = 0.0
+    completion: str,
+    numbers: list[int],
+    target: float,
+    prefix: str = "",
+    partial: float = 0.0,
+    graded: bool = False,
 ) -> float:
     """0.1 * format + answer on prefix + completion (prefix: an opening tag ending the prompt).
     Completions over MAX_COMPLETION_CHARS score 0 without being parsed."""
     if len(completion) > MAX_COMPLETION_CHARS:
         return 0.0
     text = prefix + completion
-    return 0.1 * format_score(text) + answer_score(text, numbers, target, partial)
+    return 0.1 * format_score(text) + answer_score(text, numbers, target, partial, graded)
 
 
 def _random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, float] | None:
@@ -123,6 +142,7 @@ class CountdownTask:
         c = cfg.countdown
         self.template = c.template
         self.partial = c.partial_credit
+        self.graded = c.partial_credit_per_number
         if c.data_path:
             records = load_problems(c.data_path)
             if cfg.train_size + cfg.test_size > len(records):
@@ -154,4 +174,4 @@ class CountdownTask:
     def score(self, completion: str, example: Example) -> float:
         numbers, target, _ = example.answer
         prefix = THINK_OPEN if example.prompt.endswith(THINK_OPEN) else ""
-        return countdown_reward(completion, numbers, target, prefix, self.partial)
+        return countdown_reward(completion, numbers, target, prefix, self.partial, self.graded)
