@@ -39,7 +39,7 @@ bench: install
 	$(PY) benchmarks/lowrank.py
 	$(PY) benchmarks/failures.py
 
-# Held-out accuracy against wall time for 3 run seeds (30 minutes of training on 2 cores).
+# Held-out accuracy of the default against wall time for 3 run seeds (30 minutes on 2 cores).
 bench-learning: install
 	$(PY) benchmarks/learning.py --config configs/default.yaml
 

@@ -5,8 +5,8 @@
 3. Peak RSS per rank above the pre-model baseline, against the fp32 model size.
 
 Every figure is a ratio between runs made here, one after another, in this process's session.
-Usage: python benchmarks/engine.py [--config configs/default.yaml] [--iterations 6] [--repeats 3]
-       [--set key=value ...]
+Usage: python benchmarks/engine.py [--config configs/countdown-plain.yaml] [--iterations 6]
+       [--repeats 3] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def fmt(values: list[float], unit: str = "") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "countdown-plain.yaml")
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", default=[])

@@ -9,7 +9,7 @@
 3. Evaluation dtypes (full-parameter mode): iteration time of bfloat16 / int8 evaluation
    copies against float32 and the change of the unperturbed model's held-out reward.
 Runs alternate between the compared settings; min and median over the repeats are printed.
-Usage: python benchmarks/lowrank.py [--config configs/default.yaml] [--repeats 3]
+Usage: python benchmarks/lowrank.py [--config configs/countdown-plain.yaml] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def eval_dtypes(config: Path, repeats: int, dtypes: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "countdown-plain.yaml")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--members", type=int, default=30)
     p.add_argument("--ranks", default="1,4,16")
