@@ -125,3 +125,16 @@ def test_graded_partial_credit_counts_the_given_numbers_used():
     assert graded("44+19+35+1") == pytest.approx(0.1 + 0.3 * 3 / 4)  # extra number
     assert graded("1+2") == pytest.approx(0.1)  # none of them
     assert graded("44+(19") == pytest.approx(0.1)  # unparseable: no answer credit
+
+
+def test_task_config_switches_graded_credit_on():
+    overrides = ["task.name=countdown", "task.countdown.partial_credit=0.3"]
+    plain = make_task(load_config(None, overrides).task)
+    graded = make_task(
+        load_config(None, [*overrides, "task.countdown.partial_credit_per_number=true"]).task
+    )
+    example = plain.train[0]
+    numbers, _, _ = example.answer
+    two_of_three = f"</think>\n<answer>{numbers[0]}+{numbers[1]}+999</answer>"
+    assert plain.score(two_of_three, example) == pytest.approx(0.1)
+    assert graded.score(two_of_three, example) == pytest.approx(0.1 + 0.3 * 2 / 3)
