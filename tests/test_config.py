@@ -88,3 +88,13 @@ def test_string_fields_keep_text_yaml_would_read_as_a_mapping():
 def test_shipped_configs_load_and_name_existing_models(path):
     cfg = load_config(path)
     assert (ROOT / cfg.model.path / "config.json").is_file()
+
+
+def test_a_config_extends_another_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\nes:\n  population: 12\n  sigma: 0.5\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\nes:\n  sigma: 0.25\n")
+    cfg = load_config(tmp_path / "top.yaml", ["es.alpha=0.125"])
+    assert (cfg.seed, cfg.es.population, cfg.es.sigma, cfg.es.alpha) == (3, 12, 0.25, 0.125)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")

@@ -415,17 +415,36 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "")
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One config file as a dict; a top-level `extends: other.yaml` (relative to this file)
+    loads that file first and lays this one over it, section by section."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' extends itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _lay_over(_read_yaml(path.parent / str(parent), (*seen, path.resolve())), data)
+
+
+def _lay_over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        below = merged.get(key)
+        both_sections = isinstance(value, dict) and isinstance(below, dict)
+        merged[key] = _lay_over(below, value) if both_sections else value
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, then validation. Raises ConfigError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    """Defaults <- YAML file (and the files it extends) <- overrides, then validation.
+    Raises ConfigError."""
+    data = _read_yaml(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
