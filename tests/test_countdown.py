@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from es_mpi.config import load_config
+from es_mpi.config import ConfigError, load_config
 from es_mpi.tasks import make_task
-from es_mpi.tasks.countdown import countdown_reward, generate_problems
+from es_mpi.tasks.countdown import countdown_reward, generate_problems, generated_split, problem_key
 from es_mpi.tasks.safe_arith import evaluate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "countdown.json"
@@ -83,6 +83,36 @@ def test_generated_problems_have_correct_solutions():
     for record in generate_problems(200, seed=5, sizes=(3, 4), number_max=20):
         value, used = evaluate(record["solution"])
         assert value == float(record["target"]) and sorted(used) == sorted(record["numbers"])
+
+
+def _split(*overrides: str) -> tuple[list[dict], list[dict]]:
+    return generated_split(load_config(None, ["task.name=countdown", *overrides]).task)
+
+
+def test_heldout_split_stays_put_and_never_repeats_in_training():
+    small_train, test = _split("task.train_size=300", "task.test_size=100")
+    large_train, same_test = _split("task.train_size=5000", "task.test_size=100")
+    assert same_test == test  # the held-out problems do not move with train_size
+    assert [r["id"] for r in test] == list(range(2000, 2100))  # task.countdown.heldout_start
+    held_out = {problem_key(r) for r in test}
+    for train in (small_train, large_train):
+        assert not held_out & {problem_key(r) for r in train}
+    assert len(small_train) == 300 and len(large_train) == 5000
+    assert large_train[: len(small_train)] == small_train  # a longer stream extends the shorter
+    # the stream repeats problems: without the filter some training problems would be held out
+    stream = generate_problems(5100, seed=1234, sizes=(3, 3), number_max=20)
+    assert any(problem_key(r) in held_out for r in stream[:2000] + stream[2100:])
+
+
+def test_a_problem_space_too_small_for_the_split_is_a_config_error():
+    with pytest.raises(ConfigError, match="task.train_size"):
+        _split(
+            "task.countdown.number_max=1",
+            "task.countdown.heldout_start=0",
+            "task.test_size=20",
+            "task.train_size=10",
+            "task.prompts_per_member=4",
+        )
 
 
 @pytest.mark.skipif(not DATA.is_file(), reason="shared Countdown data not present")

@@ -100,7 +100,8 @@ def test_eval_command_same_score_on_one_and_two_ranks(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_pretrain_writes_a_loadable_model(tmp_path):
+@pytest.mark.parametrize("tag_tokens", [False, True])
+def test_pretrain_writes_a_loadable_model(tmp_path, tag_tokens):
     config = tmp_path / "c.yaml"
     config.write_text(
         "task:\n  name: countdown\n  test_size: 8\n  eval_batch: 8\n"
@@ -125,13 +126,20 @@ def test_pretrain_writes_a_loadable_model(tmp_path):
             "--config",
             str(config),
         ]
+        + (["--tag-tokens"] if tag_tokens else [])
     )
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "pretrain.json").read_text())
     assert record["args"]["steps"] == 3 and record["heldout_prompts"] == 8
-    from transformers import AutoModelForCausalLM
+    assert record["args"]["tag_tokens"] is tag_tokens
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoModelForCausalLM.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out))  # the saved tokenizer keeps its tags
+    assert len(tokenizer("</answer>", add_special_tokens=False).input_ids) == (
+        1 if tag_tokens else 9
+    )
+    assert model.config.vocab_size == len(tokenizer)
 
 
 def test_conciseness_reward_and_generated_pairs(tmp_path):
@@ -191,3 +199,25 @@ def test_noise_robust_pretraining_restores_clean_weights():
     _unperturb(model, clean)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert _perturb(model, 0.0, torch.Generator()) == []
+
+
+def test_tag_tokens_shorten_completions_and_decode_back():
+    from es_mpi.tasks.countdown import TINY_ANSWER_FORMAT
+    from es_mpi.tiny_model import TAGS, char_tokenizer
+
+    text = "3,5,7=22<think>" + TINY_ANSWER_FORMAT.format(solution="3*5+7")
+    plain, tagged = char_tokenizer(), char_tokenizer(tag_tokens=True)
+    plain_ids = plain(text, add_special_tokens=False).input_ids
+    tagged_ids = tagged(text, add_special_tokens=False).input_ids
+    assert len(plain_ids) == len(text)  # one token per character
+    assert len(tagged_ids) == len(text) - sum(len(t) for t in TAGS) + len(TAGS)
+    for tok, ids in ((plain, plain_ids), (tagged, tagged_ids)):
+        assert tok.decode(ids, skip_special_tokens=True) == text  # tags are not special
+    # the character vocabulary keeps its ids; a partial tag is characters
+    assert tagged.convert_tokens_to_ids(list("0123<>")) == plain.convert_tokens_to_ids(
+        list("0123<>")
+    )
+    assert (
+        tagged("<thin", add_special_tokens=False).input_ids
+        == plain("<thin", add_special_tokens=False).input_ids
+    )

@@ -161,6 +161,10 @@ class CountdownConfig:
     data_path: str = ""
     """JSON file in the paper's format (id, context, numbers, target, solution): the first
     train_size records train, the last test_size records test. Empty: generate problems."""
+    heldout_start: int = 2000
+    """Generated problems: the held-out split is problems heldout_start .. heldout_start +
+    test_size of the generated stream, whatever train_size is; training takes the other
+    problems in stream order, skipping any with a held-out problem's numbers and target."""
     min_numbers: int = 3
     """Generated problems: fewest numbers per problem."""
     max_numbers: int = 3
@@ -186,6 +190,7 @@ class CountdownConfig:
             "must be in min_numbers..6",
         )
         _require(self.number_max >= 1, "task.countdown.number_max", "must be >= 1")
+        _require(self.heldout_start >= 0, "task.countdown.heldout_start", "must be >= 0")
         _require(0 <= self.partial_credit < 1, "task.countdown.partial_credit", "must be in [0, 1)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -12,13 +13,20 @@ from . import modelio  # noqa: F401  (offline environment defaults)
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+-*/()=<>,.:? \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Countdown's tags as whole tokens (as LLM tokenizers such as Qwen3's have them): a completion
+# "</think>\n<answer>3+5*2</answer>" is 13 tokens instead of 35, so greedy decoding takes a
+# third of the steps. Ordinary vocabulary entries, not special tokens: decoding keeps them.
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; decode concatenates (no spaces inserted)."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+def char_tokenizer(tag_tokens: bool = False) -> PreTrainedTokenizerFast:
+    """One token per character (and per Countdown tag with `tag_tokens`); decode concatenates
+    (no spaces inserted)."""
+    words = SPECIALS + CHARS + (TAGS if tag_tokens else [])
+    vocab = {tok: i for i, tok in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tags = "|".join(re.escape(t) for t in TAGS) + "|" if tag_tokens else ""
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(tags + r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -31,10 +39,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0
+    hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0, tag_tokens: bool = False
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A randomly initialised tiny Llama and its char tokenizer, deterministic from `seed`."""
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(tag_tokens)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

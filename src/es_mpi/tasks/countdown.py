@@ -120,6 +120,34 @@ def generate_problems(count: int, seed: int, sizes: tuple[int, int], number_max:
     return records
 
 
+def problem_key(record: dict) -> tuple[tuple[int, ...], float]:
+    """What makes two problems the same: their numbers (as a multiset) and target."""
+    return tuple(sorted(int(n) for n in record["numbers"])), float(record["target"])
+
+
+def generated_split(cfg: TaskConfig) -> tuple[list[dict], list[dict]]:
+    """Held-out problems at a fixed place in the generated stream, so they do not move with
+    train_size; training problems are the others, minus any the held-out split also asks
+    (the problem space is small: with the defaults 89 of the first 2,000 repeat one)."""
+    c = cfg.countdown
+    start, end = c.heldout_start, c.heldout_start + cfg.test_size
+    count = end + cfg.train_size
+    while count <= 100 * (end + cfg.train_size):
+        records = generate_problems(
+            count, cfg.data_seed, (c.min_numbers, c.max_numbers), c.number_max
+        )
+        test = records[start:end]
+        held_out = {problem_key(r) for r in test}
+        train = [r for r in records[:start] + records[end:] if problem_key(r) not in held_out]
+        if len(train) >= cfg.train_size:
+            return train[: cfg.train_size], test
+        count += cfg.train_size  # the stream is prefix-stable: a longer one extends it
+    raise ConfigError(
+        f"config field 'task.train_size': too few generated problems differ from the "
+        f"{cfg.test_size} held-out ones (numbers up to {c.number_max}); lower train_size"
+    )
+
+
 def load_problems(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -152,13 +180,7 @@ class CountdownTask:
                 )
             train, test = records[: cfg.train_size], records[len(records) - cfg.test_size :]
         else:
-            records = generate_problems(
-                cfg.train_size + cfg.test_size,
-                cfg.data_seed,
-                (c.min_numbers, c.max_numbers),
-                c.number_max,
-            )
-            train, test = records[: cfg.train_size], records[cfg.train_size :]
+            train, test = generated_split(cfg)
         self.train = [self.example(r) for r in train]
         self.test = [self.example(r) for r in test]
 
