@@ -17,7 +17,7 @@ from .comm import Comm
 from .config import Config, load_config
 from .engine import set_threads
 from .evaluate import Evaluator, heldout_score
-from .tasks.countdown import TINY_ANSWER_FORMAT, CountdownTask, generate_problems
+from .tasks.countdown import TINY_ANSWER_FORMAT, CountdownTask, generate_problems, problem_key
 from .tiny_model import tiny_llama
 
 
@@ -80,14 +80,14 @@ def pretrain(args: PretrainArgs) -> dict:
     set_threads(args.threads)
     cfg: Config = load_config(args.config, ["task.name=countdown"])
     task = CountdownTask(cfg.task)
-    held_out = {(tuple(sorted(e.answer[0])), e.answer[1]) for e in task.test}
+    held_out = {problem_key({"numbers": e.answer[0], "target": e.answer[1]}) for e in task.test}
     c = cfg.task.countdown
     problems = [
         p
         for p in generate_problems(
             args.steps * args.batch * 2, args.seed + 1, (c.min_numbers, c.max_numbers), c.number_max
         )
-        if (tuple(sorted(p["numbers"])), float(p["target"])) not in held_out
+        if problem_key(p) not in held_out
     ][: args.steps * args.batch]
     model, tokenizer = tiny_llama(args.hidden, args.layers, args.heads, args.seed, args.tag_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
