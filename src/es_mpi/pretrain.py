@@ -80,14 +80,13 @@ def pretrain(args: PretrainArgs) -> dict:
     set_threads(args.threads)
     cfg: Config = load_config(args.config, ["task.name=countdown"])
     task = CountdownTask(cfg.task)
-    held_out = {problem_key({"numbers": e.answer[0], "target": e.answer[1]}) for e in task.test}
     c = cfg.task.countdown
     problems = [
         p
         for p in generate_problems(
             args.steps * args.batch * 2, args.seed + 1, (c.min_numbers, c.max_numbers), c.number_max
         )
-        if problem_key(p) not in held_out
+        if problem_key(p) not in task.heldout_keys
     ][: args.steps * args.batch]
     model, tokenizer = tiny_llama(args.hidden, args.layers, args.heads, args.seed, args.tag_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -14,7 +14,7 @@ from . import modelio  # noqa: F401  (offline environment defaults)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+-*/()=<>,.:? \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Countdown's tags as whole tokens (as LLM tokenizers such as Qwen3's have them): a completion
-# "</think>\n<answer>3+5*2</answer>" is 13 tokens instead of 35, so greedy decoding takes a
+# "</think>\n<answer>3+5*2</answer>" is 9 tokens instead of 31, so greedy decoding takes a
 # third of the steps. Ordinary vocabulary entries, not special tokens: decoding keeps them.
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 

@@ -183,6 +183,8 @@ class CountdownTask:
             train, test = generated_split(cfg)
         self.train = [self.example(r) for r in train]
         self.test = [self.example(r) for r in test]
+        # what other training data (pretraining) must leave out
+        self.heldout_keys = {problem_key(r) for r in test}
 
     def example(self, record: dict) -> Example:
         numbers = [int(n) for n in record["numbers"]]
