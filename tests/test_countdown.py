@@ -168,3 +168,29 @@ def test_task_config_switches_graded_credit_on():
     two_of_three = f"</think>\n<answer>{numbers[0]}+{numbers[1]}+999</answer>"
     assert plain.score(two_of_three, example) == pytest.approx(0.1)
     assert graded.score(two_of_three, example) == pytest.approx(0.1 + 0.3 * 2 / 3)
+    near = make_task(
+        load_config(None, [*overrides, "task.countdown.partial_credit_closeness=true"]).task
+    )
+    # a problem whose numbers summed miss the target by less than the target itself
+    example = next(e for e in plain.train if 0 < abs(sum(e.answer[0]) - e.answer[1]) < e.answer[1])
+    numbers, target, _ = example.answer
+    all_three = f"</think>\n<answer>{numbers[0]}+{numbers[1]}+{numbers[2]}</answer>"
+    assert plain.score(all_three, example) == pytest.approx(0.1 + 0.3)
+    expected = 0.1 + 0.3 * (1 - abs(sum(numbers) - target) / target)
+    assert near.score(all_three, example) == pytest.approx(expected)
+    assert 0.1 < expected < 0.4
+
+
+def test_closeness_credit_grows_as_the_answer_nears_the_target():
+    def near(answer: str, graded: bool = False) -> float:
+        text = f"<think>x</think>\n<answer>{answer}</answer>"
+        return countdown_reward(text, NUMS, TARGET, partial=0.3, graded=graded, near=True)
+
+    # NUMS 44 19 35, TARGET 98: credit 0.3 x (1 - |value - 98| / 98)
+    assert near("44+19+35") == pytest.approx(1.1)  # right answer: full reward
+    assert near("44+19*35") == pytest.approx(0.1)  # 709: a miss larger than the target, 0
+    assert near("44-19+35") == pytest.approx(0.1 + 0.3 * (1 - 38 / 98))  # 60
+    assert near("44+35-19") == near("44-19+35")  # same value, same credit
+    assert near("(44+35)*19/19") == pytest.approx(0.1)  # numbers reused: no credit
+    assert near("44+19+36") == pytest.approx(0.1)  # wrong numbers, ungraded: no credit
+    assert near("44+19+36", graded=True) == pytest.approx(0.1 + 0.3 * 2 / 3 * (1 - 1 / 98))

@@ -118,8 +118,12 @@ def test_failure_on_one_rank_aborts_the_job(tiny_model_dir, tmp_path):
 
 
 def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_dir, tmp_path):
-    """Per-tensor sigma scales come from the log, so replay repeats them; 2 ranks agree."""
+    """Per-tensor sigma scales come from the log and the alpha schedule from the config, so
+    replay repeats them; 2 ranks agree."""
     extra = {
+        "es.alpha_schedule": "cosine",
+        "es.alpha_decay_iterations": 2,
+        "es.alpha_final": 0.3,
         "es.sigma_scale": "per_tensor_std",
         "es.antithetic": "true",
         "es.population": 6,

@@ -9,6 +9,7 @@ from es_mpi.strategy import (
     centered_ranks,
     member_population,
     prompt_indices,
+    scheduled_alpha,
     update_coefficients,
     zscore,
 )
@@ -55,6 +56,28 @@ def test_update_coefficients_hand_computed():
     coefs = update_coefficients(pop, np.array([1.0, -1.0, 0.5, 0.5]), alpha=0.4)
     # alpha/N = 0.1: seed 11 -> 0.1*(1*1 + -1*-1) = 0.2; seed 22 -> 0.1*(0.5 - 0.5) = 0, dropped
     assert coefs == [(11, pytest.approx(0.2))]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "iteration", "expected"),
+    [
+        ("constant", 7, 0.4),
+        ("linear", 0, 0.4),
+        ("linear", 5, 0.4 * (1 - 0.75 * 0.5)),  # halfway: factor 1 - (1 - 0.25) / 2
+        ("linear", 10, 0.1),
+        ("linear", 25, 0.1),  # stays at the final factor after the horizon
+        ("cosine", 0, 0.4),
+        ("cosine", 5, 0.4 * (1 - 0.75 * 0.5)),  # cos(pi/2) = 0: same midpoint as linear
+        ("cosine", 10, 0.1),
+        ("cosine", 99, 0.1),
+    ],
+)
+def test_scheduled_alpha_hand_computed(schedule, iteration, expected):
+    assert scheduled_alpha(0.4, schedule, 0.25, 10, iteration) == pytest.approx(expected)
+
+
+def test_cosine_schedule_decays_slower_than_linear_early():
+    assert scheduled_alpha(1.0, "cosine", 0.0, 10, 2) > scheduled_alpha(1.0, "linear", 0.0, 10, 2)
 
 
 def test_prompt_indices_distinct_and_reproducible():

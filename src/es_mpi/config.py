@@ -24,6 +24,7 @@ SHAPINGS = ("zscore", "centered_rank")
 SIGMA_SCALES = ("none", "per_tensor_std")
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "int8")
 ES_MODES = ("full", "lowrank")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
 NONFINITE_POLICIES = ("fail", "worst")
 LOWRANK_VECTORS = ("frozen", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,6 +60,15 @@ class ESConfig:
     """Learning rate with 1/sigma folded in: theta += alpha/N * sum_n shaped_n * eps_n."""
     iterations: int = 100
     """Total number of iterations of the run (resume continues up to this number)."""
+    alpha_schedule: str = "constant"
+    """constant, linear or cosine: alpha at iteration t is es.alpha times a factor that falls
+    from 1 at t = 0 to es.alpha_final at t = es.alpha_decay_iterations (a straight line or
+    half a cosine) and stays there. Its own horizon, not es.iterations, so that extending a
+    run on resume does not change the updates already logged."""
+    alpha_final: float = 0.1
+    """Factor of es.alpha reached at es.alpha_decay_iterations (alpha_schedule not constant)."""
+    alpha_decay_iterations: int = 0
+    """Iterations over which alpha decays (needed, > 0, when alpha_schedule is not constant)."""
     shaping: str = "zscore"
     """Fitness shaping of the N rewards: zscore (Qiu et al.) or centered_rank (Salimans et al.)."""
     sigma_scale: str = "none"
@@ -100,6 +110,17 @@ class ESConfig:
         _require(self.iterations >= 0, "es.iterations", "must be >= 0")
         _require(self.noise_cache_mb >= 0, "es.noise_cache_mb", "must be >= 0")
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
+        _require(
+            self.alpha_schedule in ALPHA_SCHEDULES,
+            "es.alpha_schedule",
+            f"one of {ALPHA_SCHEDULES}",
+        )
+        _require(0 <= self.alpha_final <= 1, "es.alpha_final", "must be in [0, 1]")
+        _require(
+            self.alpha_schedule == "constant" or self.alpha_decay_iterations > 0,
+            "es.alpha_decay_iterations",
+            "must be > 0 when es.alpha_schedule is not constant",
+        )
         _require(self.sigma_scale in SIGMA_SCALES, "es.sigma_scale", f"one of {SIGMA_SCALES}")
         _require(self.mode in ES_MODES, "es.mode", f"one of {ES_MODES}")
         _require(
@@ -181,6 +202,9 @@ class CountdownConfig:
     """Graded partial credit: any parseable wrong answer earns partial_credit x (given numbers
     it uses, multiset match) / max(numbers given, numbers used), so two of three right
     numbers earn 2/3 of it: a denser signal for ES on a weak base."""
+    partial_credit_closeness: bool = False
+    """Partial credit times closeness to the target, 1 - |value - target| / max(|target|, 1)
+    floored at 0, so a near miss earns more than a far one."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.min_numbers <= 6, "task.countdown.min_numbers", "must be in 1..6")

@@ -150,7 +150,7 @@ def replay_rows(
     cols = data.columns
     for it in range(start, stop):
         population = Population(cols["member_seeds"][it], cols["member_signs"][it])
-        apply_es_update(weights, population, cols["rewards"][it], cfg.es.shaping, cfg.es.alpha)
+        apply_es_update(weights, population, cols["rewards"][it], cfg.es, it)
         if (verify_each or it == stop - 1) and weights.checksum() != data.checksums[it]:
             raise ReplayMismatch(
                 f"replay: checksum mismatch at iteration {it} (0-based, the log's 'iteration') "

@@ -13,6 +13,7 @@ import numpy as np
 
 from .checkpoint import replace_dir, save_checkpoint
 from .comm import deal_members
+from .config import ESConfig
 from .engine import Engine, peak_rss_bytes
 from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
 from .lowrank import PopulationHooks
@@ -25,6 +26,7 @@ from .strategy import (
     member_population,
     prompt_indices,
     replace_nonfinite,
+    scheduled_alpha,
     shape_rewards,
     update_coefficients,
 )
@@ -32,13 +34,20 @@ from .tasks import Task
 
 
 def apply_es_update(
-    weights: MasterWeights, population: Population, rewards: np.ndarray, shaping: str, alpha: float
+    weights: MasterWeights,
+    population: Population,
+    rewards: np.ndarray,
+    es: ESConfig,
+    iteration: int,
 ) -> np.ndarray:
     """Shape the gathered rewards and move the master weights; returns the shaped weights.
 
     Training and replay both call this, so a replay repeats the update bit for bit.
     """
-    shaped = shape_rewards(rewards, shaping)
+    shaped = shape_rewards(rewards, es.shaping)
+    alpha = scheduled_alpha(
+        es.alpha, es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations, iteration
+    )
     weights.apply_update(update_coefficients(population, shaped, alpha))
     return shaped
 
@@ -127,7 +136,7 @@ class Trainer:
         rewards = self.check_finite(rewards, population, iteration)
         t_gathered = time.perf_counter()
         tokens = self.comm.gather(self.evaluator.generated_tokens - tokens_before)
-        shaped = apply_es_update(self.weights, population, rewards, es.shaping, es.alpha)
+        shaped = apply_es_update(self.weights, population, rewards, es, iteration)
         t_updated = time.perf_counter()
         checksum = self.agreed_checksum(iteration)
         metrics = {

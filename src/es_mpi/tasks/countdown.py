@@ -49,12 +49,24 @@ def number_overlap(used: list[int], numbers: list[int]) -> float:
     return matched / max(len(used), len(numbers))
 
 
+def closeness(value: float, target: float) -> float:
+    """1 - |value - target| / max(|target|, 1), floored at 0: 1 on the target, 0 at a miss as
+    large as the target itself."""
+    return max(0.0, 1.0 - abs(value - target) / max(abs(target), 1.0))
+
+
 def answer_score(
-    text: str, numbers: list[int], target: float, partial: float = 0.0, graded: bool = False
+    text: str,
+    numbers: list[int],
+    target: float,
+    partial: float = 0.0,
+    graded: bool = False,
+    near: bool = False,
 ) -> float:
     """1.0 for a right answer; `partial` for one that uses exactly the given numbers but
     misses the target (0 in the paper's reward); with `graded`, partial x number_overlap for
-    any parseable answer that is not right."""
+    any parseable answer that is not right; with `near`, the partial credit is also
+    multiplied by closeness(value, target)."""
     answers = _ANSWER.findall(text)
     if not answers:
         return 0.0
@@ -65,9 +77,8 @@ def answer_score(
     overlap = number_overlap(used, numbers)
     if overlap == 1.0 and abs(value - target) < 1e-5:
         return 1.0
-    if graded:
-        return partial * overlap
-    return partial if overlap == 1.0 else 0.0
+    credit = partial * (overlap if graded else float(overlap == 1.0))
+    return credit * closeness(value, target) if near else credit
 
 
 def countdown_reward(
@@ -77,13 +88,14 @@ def countdown_reward(
     prefix: str = "",
     partial: float = 0.0,
     graded: bool = False,
+    near: bool = False,
 ) -> float:
     """0.1 * format + answer on prefix + completion (prefix: an opening tag ending the prompt).
     Completions over MAX_COMPLETION_CHARS score 0 without being parsed."""
     if len(completion) > MAX_COMPLETION_CHARS:
         return 0.0
     text = prefix + completion
-    return 0.1 * format_score(text) + answer_score(text, numbers, target, partial, graded)
+    return 0.1 * format_score(text) + answer_score(text, numbers, target, partial, graded, near)
 
 
 def _random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, float] | None:
@@ -171,6 +183,7 @@ class CountdownTask:
         self.template = c.template
         self.partial = c.partial_credit
         self.graded = c.partial_credit_per_number
+        self.near = c.partial_credit_closeness
         if c.data_path:
             records = load_problems(c.data_path)
             if cfg.train_size + cfg.test_size > len(records):
@@ -198,4 +211,6 @@ class CountdownTask:
     def score(self, completion: str, example: Example) -> float:
         numbers, target, _ = example.answer
         prefix = THINK_OPEN if example.prompt.endswith(THINK_OPEN) else ""
-        return countdown_reward(completion, numbers, target, prefix, self.partial, self.graded)
+        return countdown_reward(
+            completion, numbers, target, prefix, self.partial, self.graded, self.near
+        )
