@@ -32,6 +32,7 @@ def test_yaml_and_overrides(tmp_path):
         ("es.sigma=-1", "es.sigma"),
         ("es.shaping=rank", "es.shaping"),
         ("es.alpha_schedule=step", "es.alpha_schedule"),
+        ("es.shaping=top_pairs", "es.top_pairs"),
         ("es.alpha_final=1.5", "es.alpha_final"),
         ("es.alpha_schedule=cosine", "es.alpha_decay_iterations"),
         ("runtime.threads=0", "runtime.threads"),

@@ -10,6 +10,7 @@ from es_mpi.strategy import (
     member_population,
     prompt_indices,
     scheduled_alpha,
+    shape_rewards,
     update_coefficients,
     zscore,
 )
@@ -56,6 +57,16 @@ def test_update_coefficients_hand_computed():
     coefs = update_coefficients(pop, np.array([1.0, -1.0, 0.5, 0.5]), alpha=0.4)
     # alpha/N = 0.1: seed 11 -> 0.1*(1*1 + -1*-1) = 0.2; seed 22 -> 0.1*(0.5 - 0.5) = 0, dropped
     assert coefs == [(11, pytest.approx(0.2))]
+
+
+def test_top_pairs_hand_computed():
+    # pair maxima 1, 3, 0.5: pairs 0 and 1 kept; their rewards 1 0 3 2 have mean 1.5 and
+    # population std sqrt(1.25); pair 2 gets 0
+    rewards = np.array([1.0, 0.0, 3.0, 2.0, 0.5, 0.5])
+    expected = np.array([-0.5, -1.5, 1.5, 0.5, 0.0, 0.0]) / np.sqrt(1.25)
+    np.testing.assert_allclose(shape_rewards(rewards, "top_pairs", top_pairs=2), expected)
+    # all pairs kept: plain z-scores
+    np.testing.assert_allclose(shape_rewards(rewards, "top_pairs", 3), zscore(rewards))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """Bad user input: the message names the offending field. The CLI exits with code 2."""
 
 
-SHAPINGS = ("zscore", "centered_rank")
+SHAPINGS = ("zscore", "centered_rank", "top_pairs")
 SIGMA_SCALES = ("none", "per_tensor_std")
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "int8")
 ES_MODES = ("full", "lowrank")
@@ -70,7 +70,11 @@ class ESConfig:
     alpha_decay_iterations: int = 0
     """Iterations over which alpha decays (needed, > 0, when alpha_schedule is not constant)."""
     shaping: str = "zscore"
-    """Fitness shaping of the N rewards: zscore (Qiu et al.) or centered_rank (Salimans et al.)."""
+    """Fitness shaping of the N rewards: zscore (Qiu et al.), centered_rank (Salimans et
+    al.) or top_pairs (mirrored pairs only: z-scores of the es.top_pairs best pairs, the other
+    pairs get 0; Mania et al. 2018)."""
+    top_pairs: int = 0
+    """Pairs kept by es.shaping top_pairs (1 .. population / 2)."""
     sigma_scale: str = "none"
     """none: one sigma for all tensors. per_tensor_std: sigma and alpha of each tensor are
     multiplied by that tensor's weight std in the base model (stored in the run log)."""
@@ -146,6 +150,12 @@ class ESConfig:
             self.members_per_batch == 1 or self.mode == "lowrank",
             "es.members_per_batch",
             "above 1 needs es.mode lowrank (full mode materialises one member at a time)",
+        )
+        _require(
+            self.shaping != "top_pairs"
+            or (self.antithetic and 1 <= self.top_pairs <= self.population // 2),
+            "es.top_pairs",
+            "es.shaping top_pairs needs es.antithetic true and 1 <= top_pairs <= population / 2",
         )
         _require(
             not self.antithetic or self.population % 2 == 0,

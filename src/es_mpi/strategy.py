@@ -72,10 +72,25 @@ def centered_ranks(rewards: np.ndarray) -> np.ndarray:
     return ranks / (n - 1) - 0.5
 
 
+def top_pairs_zscore(rewards: np.ndarray, top_pairs: int) -> np.ndarray:
+    """Mirrored pairs (members 2k, 2k+1): keep the `top_pairs` pairs with the highest
+    max(r+, r-), z-score the rewards of the kept pairs, zero for the others (the top-b
+    directions of Augmented Random Search, Mania et al. 2018). Ties keep the lower index."""
+    r = np.asarray(rewards, dtype=np.float64)
+    best = r.reshape(-1, 2).max(axis=1)
+    kept = np.sort(np.argsort(-best, kind="stable")[:top_pairs])
+    members = np.stack([2 * kept, 2 * kept + 1], axis=1).reshape(-1)
+    shaped = np.zeros_like(r)
+    shaped[members] = zscore(r[members])
+    return shaped
+
+
 SHAPERS = {"zscore": zscore, "centered_rank": centered_ranks}
 
 
-def shape_rewards(rewards: np.ndarray, method: str) -> np.ndarray:
+def shape_rewards(rewards: np.ndarray, method: str, top_pairs: int = 0) -> np.ndarray:
+    if method == "top_pairs":
+        return top_pairs_zscore(rewards, top_pairs)
     return SHAPERS[method](rewards)
 
 

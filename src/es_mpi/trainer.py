@@ -44,7 +44,7 @@ def apply_es_update(
 
     Training and replay both call this, so a replay repeats the update bit for bit.
     """
-    shaped = shape_rewards(rewards, es.shaping)
+    shaped = shape_rewards(rewards, es.shaping, es.top_pairs)
     alpha = scheduled_alpha(
         es.alpha, es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations, iteration
     )
