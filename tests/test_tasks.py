@@ -9,6 +9,7 @@ from conftest import run_cli
 from es_mpi.config import ConfigError, load_config
 from es_mpi.tasks import make_task
 from es_mpi.tasks.arithmetic import partial_match
+from es_mpi.tasks.base import Example, train_without_heldout
 
 
 def test_arithmetic_partial_credit():
@@ -32,6 +33,37 @@ def test_splits_are_disjoint_and_sized():
     task = make_task(cfg.task)
     assert (len(task.train), len(task.test)) == (300, 50)
     assert task.train[0].prompt.endswith("<think>")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["task.name=multiplication"],  # 2 x 1 digits: 900 problems, 844 of 2,000 repeated
+        ["task.name=arithmetic", "task.arithmetic.digits=2"],
+        ["task.name=arithmetic", "task.arithmetic.digits=1", "task.test_size=20"],
+    ],
+)
+def test_generated_splits_never_train_on_a_heldout_problem(overrides):
+    task = make_task(load_config(None, overrides).task)
+    assert (len(task.train), len(task.test)) == (2000, 500 if len(overrides) < 3 else 20)
+    held_out = {e.prompt for e in task.test}
+    assert not any(e.prompt in held_out for e in task.train)
+
+
+def test_train_without_heldout_keeps_order_tops_up_and_refuses_a_covered_space():
+    def ex(n: int) -> Example:
+        return Example(f"p{n}", n)
+
+    fresh = iter(range(100, 200))
+    train = train_without_heldout(
+        [ex(1), ex(2), ex(3), ex(2)], [ex(2)], lambda k: [ex(next(fresh)) for _ in range(k)], 3
+    )
+    assert [e.prompt for e in train] == ["p1", "p3", "p100"]  # p2 held out, topped up in order
+    with pytest.raises(ConfigError, match="'task.test_size'.*most of the problem space"):
+        train_without_heldout([ex(1), ex(2), ex(2)], [ex(2)], lambda k: [ex(2)] * k, 3)
+    tiny_space = load_config(None, ["task.name=multiplication", "task.multiplication.digits_a=1"])
+    with pytest.raises(ConfigError, match="'task.test_size'"):
+        make_task(tiny_space.task)  # 1 x 1 digits: 500 held-out cover the 100 problems
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import TaskConfig
-from .base import Example
+from .base import Example, train_without_heldout
 
 
 def partial_match(completion: str, answer: str) -> float:
@@ -28,11 +28,16 @@ class ArithmeticTask:
         rng = np.random.default_rng(cfg.data_seed)
         digits = cfg.arithmetic.digits
         low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits
-        total = cfg.train_size + cfg.test_size
-        pairs = rng.integers(low, high, size=(total, 2))
-        examples = [Example(f"{a}+{b}=", str(a + b)) for a, b in pairs.tolist()]
-        self.train = examples[: cfg.train_size]
+
+        def draw(count: int) -> list[Example]:
+            pairs = rng.integers(low, high, size=(count, 2))
+            return [Example(f"{a}+{b}=", str(a + b)) for a, b in pairs.tolist()]
+
+        examples = draw(cfg.train_size + cfg.test_size)
         self.test = examples[cfg.train_size :]
+        self.train = train_without_heldout(
+            examples[: cfg.train_size], self.test, draw, cfg.train_size
+        )
 
     def score(self, completion: str, example: Example) -> float:
         return partial_match(completion, example.answer)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from ..config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,3 +30,30 @@ class Task(Protocol):
     test: list[Example]
 
     def score(self, completion: str, example: Example) -> float: ...
+
+
+def train_without_heldout(
+    candidates: list[Example],
+    test: list[Example],
+    draw_more: Callable[[int], list[Example]],
+    train_size: int,
+) -> list[Example]:
+    """The first `train_size` examples whose prompt no held-out example has: `candidates` in
+    order, then fresh draws. A small problem space repeats problems, and a held-out problem
+    seen in training is not held out. ConfigError when more than half of the draws are
+    held-out problems: the held-out split then covers most of the problem space."""
+    held_out = {e.prompt for e in test}
+    drawn = list(candidates)
+    train = [e for e in drawn if e.prompt not in held_out]
+    while len(train) < train_size and len(train) * 2 >= len(drawn):
+        more = draw_more(train_size)
+        drawn += more
+        train += [e for e in more if e.prompt not in held_out]
+    if len(train) * 2 < len(drawn):
+        raise ConfigError(
+            f"config field 'task.test_size': the {len(held_out)} distinct held-out problems "
+            f"are {len(drawn) - len(train)} of {len(drawn)} problems drawn for training: "
+            "they cover most of the problem space; lower test_size or widen the problems "
+            "(more digits)"
+        )
+    return train[:train_size]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import TaskConfig
-from .base import Example
+from .base import Example, train_without_heldout
 
 
 def _draw(rng: np.random.Generator, digits: int, count: int) -> np.ndarray:
@@ -19,15 +19,19 @@ class MultiplicationTask:
     def __init__(self, cfg: TaskConfig) -> None:
         m = cfg.multiplication
         rng = np.random.default_rng(cfg.data_seed)
-        total = cfg.train_size + cfg.test_size
-        pairs = zip(
-            _draw(rng, m.digits_a, total).tolist(),
-            _draw(rng, m.digits_b, total).tolist(),
-            strict=True,
-        )
-        examples = [Example(m.template.format(a=a, b=b), str(a * b)) for a, b in pairs]
-        self.train = examples[: cfg.train_size]
+
+        def draw(count: int) -> list[Example]:
+            a = _draw(rng, m.digits_a, count).tolist()
+            b = _draw(rng, m.digits_b, count).tolist()
+            return [
+                Example(m.template.format(a=x, b=y), str(x * y)) for x, y in zip(a, b, strict=True)
+            ]
+
+        examples = draw(cfg.train_size + cfg.test_size)
         self.test = examples[cfg.train_size :]
+        self.train = train_without_heldout(
+            examples[: cfg.train_size], self.test, draw, cfg.train_size
+        )
 
     def score(self, completion: str, example: Example) -> float:
         return 1.0 if completion.strip() == example.answer else 0.0
