@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -140,6 +141,9 @@ def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_d
     assert weights_checksum(
         load_file(str(tmp_path / "replayed" / "model.safetensors"))
     ) == _final_sha(two)
+    inspected = run_cli(["inspect", "--run-dir", str(two), "--json"])
+    es_line = json.loads(inspected.stdout)["es"]
+    assert "centered_rank" in es_line and "alpha cosine to 0.3x over 2 its" in es_line
 
 
 def test_time_limit_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):

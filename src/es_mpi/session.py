@@ -278,6 +278,13 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             f" rank={es.rank} members_per_batch={es.members_per_batch}"
             if es.mode == "lowrank"
             else ""
+        )
+        + (f" top_pairs={es.top_pairs}" if es.shaping == "top_pairs" else "")
+        + (
+            f" alpha {es.alpha_schedule} to {es.alpha_final:g}x over "
+            f"{es.alpha_decay_iterations} its"
+            if es.alpha_schedule != "constant"
+            else ""
         ),
         "prompts_per_member": cfg.task.prompts_per_member,
         "model_path": data.attrs["model_path"],
