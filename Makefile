@@ -37,6 +37,7 @@ run: install
 bench: install
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/lowrank.py
+	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/failures.py
 
 # Held-out accuracy of the default against wall time for 3 run seeds (30 minutes on 2 cores).

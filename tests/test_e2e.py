@@ -120,8 +120,11 @@ def test_failure_on_one_rank_aborts_the_job(tiny_model_dir, tmp_path):
 
 def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_dir, tmp_path):
     """Per-tensor sigma scales come from the log and the alpha schedule from the config, so
-    replay repeats them; 2 ranks agree."""
+    replay repeats them; 2 ranks agree (also under a sigma schedule)."""
     extra = {
+        "es.sigma_schedule": "linear",
+        "es.sigma_decay_iterations": 3,
+        "es.sigma_final": 0.4,
         "es.alpha_schedule": "cosine",
         "es.alpha_decay_iterations": 2,
         "es.alpha_final": 0.3,
@@ -144,6 +147,7 @@ def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_d
     inspected = run_cli(["inspect", "--run-dir", str(two), "--json"])
     es_line = json.loads(inspected.stdout)["es"]
     assert "centered_rank" in es_line and "alpha cosine to 0.3x over 2 its" in es_line
+    assert "sigma linear to 0.4x over 3 its" in es_line
 
 
 def test_time_limit_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):

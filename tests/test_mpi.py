@@ -50,19 +50,22 @@ def test_rewards_placed_by_member_index(comm_world):
 
 
 LOWRANK = {"es.mode": "lowrank", "es.members_per_batch": 3, "es.lowrank_vectors": "full"}
+FAST_BF16 = {"runtime.decoder": "fast", "model.eval_dtype": "bfloat16"}
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("mode", ["full", "lowrank"])
+@pytest.mark.parametrize("mode", ["full", "lowrank", "fast-bf16"])
 def test_rank_count_invariance_in_process(comm_world, shared_tmp, shared_model_dir, mode):
-    """The same config trained on all ranks and on rank 0 alone: identical master weights."""
+    """The same config trained on all ranks and on rank 0 alone: identical master weights
+    (also with the fast decoder on a bfloat16 evaluation copy)."""
     from mpi4py import MPI
 
     from es_mpi.comm import Comm
     from es_mpi.config import load_config
     from es_mpi.session import start_run
 
-    extra = {"es.population": 7, "es.iterations": 3, **(LOWRANK if mode == "lowrank" else {})}
+    by_mode = {"lowrank": LOWRANK, "fast-bf16": FAST_BF16}
+    extra = {"es.population": 7, "es.iterations": 3, **by_mode.get(mode, {})}
     cfg = load_config(None, small_overrides(shared_model_dir, **extra))
     reference = None
     if comm_world.is_main:

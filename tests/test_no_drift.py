@@ -19,7 +19,7 @@ def test_master_bit_identical_after_evaluating_members(tiny_config, tmp_path, ev
     from es_mpi.strategy import member_population
 
     pop = member_population(0, 0, 4, antithetic=True)
-    trainer.evaluate_members(range(4), pop, trainer.prompt_batch(0))
+    trainer.evaluate_members(range(4), pop, trainer.prompt_batch(0), tiny_config.es.sigma)
     assert engine.weights.checksum() == checksum
     for name, tensor in before.items():
         assert torch.equal(engine.weights.master[name], tensor)
@@ -37,13 +37,13 @@ def test_member_reward_independent_of_evaluation_order(tiny_config, tmp_path):
     trainer = Trainer(engine, make_task(tiny_config.task), tmp_path, log=None)
     from es_mpi.strategy import member_population
 
-    tiny_config.es.sigma = 0.5  # large enough that members score differently
+    sigma = 0.5  # large enough that members score differently
     pop = member_population(0, 0, 6, antithetic=False)
     batch = trainer.prompt_batch(0)
-    forward, _ = trainer.evaluate_members(range(6), pop, batch)
+    forward, _ = trainer.evaluate_members(range(6), pop, batch, sigma)
     assert len(set(forward)) > 1  # members differ, so an order effect would show
     backward = [
-        trainer.evaluate_members(range(n, n + 1), pop, batch)[0][0] for n in range(5, -1, -1)
+        trainer.evaluate_members(range(n, n + 1), pop, batch, sigma)[0][0] for n in range(5, -1, -1)
     ]
     assert forward == backward[::-1]
 
@@ -58,3 +58,24 @@ def test_master_is_the_fp32_base_even_with_a_bf16_eval_copy(tiny_config):
     for name, tensor in engine.weights.master.items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, base[name])
         assert engine.weights.eval_params[name].dtype == torch.bfloat16
+
+
+def test_members_are_perturbed_with_the_scheduled_sigma(tiny_config, tmp_path, monkeypatch):
+    """es.sigma_schedule: iteration t perturbs with sigma x the schedule's factor at t."""
+    tiny_config.es.sigma_schedule = "linear"
+    tiny_config.es.sigma_final = 0.5
+    tiny_config.es.sigma_decay_iterations = 4
+    engine = Engine.load(tiny_config, Comm.serial())
+    trainer = Trainer(engine, make_task(tiny_config.task), tmp_path, log=None)
+    used: dict[int, set[float]] = {}
+    materialise = engine.weights.materialise
+
+    def recording(seed: int, sign: int, sigma: float) -> None:
+        used.setdefault(iteration, set()).add(sigma)
+        materialise(seed, sign, sigma)
+
+    monkeypatch.setattr(engine.weights, "materialise", recording)
+    for iteration in (0, 2, 4, 6):
+        trainer.step(iteration)
+    sigma = tiny_config.es.sigma
+    assert used == {0: {sigma}, 2: {0.75 * sigma}, 4: {0.5 * sigma}, 6: {0.5 * sigma}}

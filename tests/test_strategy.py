@@ -9,7 +9,7 @@ from es_mpi.strategy import (
     centered_ranks,
     member_population,
     prompt_indices,
-    scheduled_alpha,
+    scheduled,
     shape_rewards,
     update_coefficients,
     zscore,
@@ -83,12 +83,12 @@ def test_top_pairs_hand_computed():
         ("cosine", 99, 0.1),
     ],
 )
-def test_scheduled_alpha_hand_computed(schedule, iteration, expected):
-    assert scheduled_alpha(0.4, schedule, 0.25, 10, iteration) == pytest.approx(expected)
+def test_scheduled_hand_computed(schedule, iteration, expected):
+    assert scheduled(0.4, schedule, 0.25, 10, iteration) == pytest.approx(expected)
 
 
 def test_cosine_schedule_decays_slower_than_linear_early():
-    assert scheduled_alpha(1.0, "cosine", 0.0, 10, 2) > scheduled_alpha(1.0, "linear", 0.0, 10, 2)
+    assert scheduled(1.0, "cosine", 0.0, 10, 2) > scheduled(1.0, "linear", 0.0, 10, 2)
 
 
 def test_prompt_indices_distinct_and_reproducible():

@@ -24,15 +24,27 @@ SHAPINGS = ("zscore", "centered_rank", "top_pairs")
 SIGMA_SCALES = ("none", "per_tensor_std")
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "int8")
 ES_MODES = ("full", "lowrank")
-ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("constant", "linear", "cosine")
 NONFINITE_POLICIES = ("fail", "worst")
 LOWRANK_VECTORS = ("frozen", "full")
 DEVICES = ("auto", "cpu", "cuda")
+DECODERS = ("hf", "fast")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{name}': {message}")
+
+
+def _require_schedule(prefix: str, schedule: str, final: float, decay_iterations: int) -> None:
+    """Fields <prefix>_schedule, <prefix>_final, <prefix>_decay_iterations of a schedule."""
+    _require(schedule in SCHEDULES, f"{prefix}_schedule", f"one of {SCHEDULES}")
+    _require(0 <= final <= 1, f"{prefix}_final", "must be in [0, 1]")
+    _require(
+        schedule == "constant" or decay_iterations > 0,
+        f"{prefix}_decay_iterations",
+        f"must be > 0 when {prefix}_schedule is not constant",
+    )
 
 
 @dataclass
@@ -69,6 +81,15 @@ class ESConfig:
     """Factor of es.alpha reached at es.alpha_decay_iterations (alpha_schedule not constant)."""
     alpha_decay_iterations: int = 0
     """Iterations over which alpha decays (needed, > 0, when alpha_schedule is not constant)."""
+    sigma_schedule: str = "constant"
+    """constant, linear or cosine, as es.alpha_schedule but for sigma: large early noise
+    finds a direction fast, smaller later noise lets the unperturbed model (what is kept and
+    scored) catch up with the perturbed ones (ES improves the reward averaged over the noise).
+    Replay does not depend on it (the update uses alpha and the seeds only)."""
+    sigma_final: float = 0.5
+    """Factor of es.sigma reached at es.sigma_decay_iterations (sigma_schedule not constant)."""
+    sigma_decay_iterations: int = 0
+    """Iterations over which sigma decays (needed, > 0, when sigma_schedule is not constant)."""
     shaping: str = "zscore"
     """Fitness shaping of the N rewards: zscore (Qiu et al.), centered_rank (Salimans et
     al.) or top_pairs (mirrored pairs only: z-scores of the es.top_pairs best pairs, the other
@@ -114,17 +135,13 @@ class ESConfig:
         _require(self.iterations >= 0, "es.iterations", "must be >= 0")
         _require(self.noise_cache_mb >= 0, "es.noise_cache_mb", "must be >= 0")
         _require(self.shaping in SHAPINGS, "es.shaping", f"one of {SHAPINGS}")
-        _require(
-            self.alpha_schedule in ALPHA_SCHEDULES,
-            "es.alpha_schedule",
-            f"one of {ALPHA_SCHEDULES}",
-        )
-        _require(0 <= self.alpha_final <= 1, "es.alpha_final", "must be in [0, 1]")
-        _require(
-            self.alpha_schedule == "constant" or self.alpha_decay_iterations > 0,
-            "es.alpha_decay_iterations",
-            "must be > 0 when es.alpha_schedule is not constant",
-        )
+        for name in ("alpha", "sigma"):
+            _require_schedule(
+                f"es.{name}",
+                getattr(self, f"{name}_schedule"),
+                getattr(self, f"{name}_final"),
+                getattr(self, f"{name}_decay_iterations"),
+            )
         _require(self.sigma_scale in SIGMA_SCALES, "es.sigma_scale", f"one of {SIGMA_SCALES}")
         _require(self.mode in ES_MODES, "es.mode", f"one of {ES_MODES}")
         _require(
@@ -290,9 +307,15 @@ class RuntimeConfig:
     tensorboard: bool = False
     """Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the optional
     tensorboard package; the run log is always written)."""
+    decoder: str = "hf"
+    """Greedy decoding: hf (transformers' generate, any causal LM) or fast (es_mpi.decode:
+    Llama models, es.mode full, float evaluation copies; preallocated KV cache, fused
+    products; with a bfloat16 copy its matrix products run in bf16). Part of the result:
+    the two agree in the last bits only, so greedy tokens can differ."""
 
     def __post_init__(self) -> None:
         _require(self.threads >= 1, "runtime.threads", "must be >= 1")
+        _require(self.decoder in DECODERS, "runtime.decoder", f"one of {DECODERS}")
         _require(self.device in DEVICES, "runtime.device", f"one of {DEVICES}")
         _require(self.time_limit_minutes >= 0, "runtime.time_limit_minutes", "must be >= 0")
         _require(self.verify_every >= 0, "runtime.verify_every", "must be >= 0")
@@ -326,6 +349,16 @@ class Config:
             not (self.model.eval_dtype == "int8" and self.es.mode == "lowrank"),
             "model.eval_dtype",
             "int8 is for es.mode full (low-rank hooks add to float activations)",
+        )
+        _require(
+            not (self.runtime.decoder == "fast" and self.es.mode == "lowrank"),
+            "runtime.decoder",
+            "fast reads the weights directly, so it cannot see low-rank hooks: use hf",
+        )
+        _require(
+            not (self.runtime.decoder == "fast" and self.model.eval_dtype == "int8"),
+            "runtime.decoder",
+            "fast needs float weights (model.eval_dtype float32, bfloat16 or float16)",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from .config import ConfigError
+from .decode import fast_decode_problem, greedy_decode
 from .tasks import Example, Task
 
 
@@ -33,11 +35,17 @@ class PromptBatch:
 class Evaluator:
     """Scores the model as it currently is (its evaluation copy) on a prompt batch."""
 
-    def __init__(self, model, tokenizer, task: Task, max_new_tokens: int) -> None:
+    def __init__(
+        self, model, tokenizer, task: Task, max_new_tokens: int, decoder: str = "hf"
+    ) -> None:
+        """decoder: hf (`generate`) or fast (es_mpi.decode, Llama models only)."""
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
         self.device = next(model.parameters()).device
+        if decoder == "fast" and (problem := fast_decode_problem(model)):
+            raise ConfigError(f"config field 'runtime.decoder': {problem}; use hf")
+        self.fast = decoder == "fast"
         self.generated_tokens = 0  # running count (metrics: tokens per second)
         # eos/pad set deliberately: a model's own generation_config may lack or differ in them.
         self.generation = GenerationConfig(
@@ -56,11 +64,21 @@ class Evaluator:
     @torch.no_grad()
     def generate(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy completions: (prompt + new token ids, mask of new tokens up to the first end)."""
-        out = self.model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            generation_config=self.generation,
-        )
+        if self.fast:
+            out = greedy_decode(
+                self.model,
+                batch.input_ids,
+                batch.attention_mask,
+                self.generation.max_new_tokens,
+                self.tokenizer.eos_token_id,
+                self.tokenizer.pad_token_id,
+            )
+        else:
+            out = self.model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=self.generation,
+            )
         new = out[:, batch.input_ids.shape[1] :]
         ended = (new == self.tokenizer.eos_token_id).long().cumsum(dim=1)
         # keep tokens before the first end token, and that end token itself

@@ -96,7 +96,9 @@ def evaluate_model(cfg: Config, comm: Comm) -> HeldoutScore:
     checked_on_main(comm, check)
     task = make_task(cfg.task)
     engine = Engine.load(cfg, comm)
-    evaluator = Evaluator(engine.model, engine.tokenizer, task, cfg.task.max_new_tokens)
+    evaluator = Evaluator(
+        engine.model, engine.tokenizer, task, cfg.task.max_new_tokens, cfg.runtime.decoder
+    )
     return heldout_score(evaluator, task.test, comm, cfg.task.eval_batch)
 
 
@@ -280,11 +282,13 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             else ""
         )
         + (f" top_pairs={es.top_pairs}" if es.shaping == "top_pairs" else "")
-        + (
-            f" alpha {es.alpha_schedule} to {es.alpha_final:g}x over "
-            f"{es.alpha_decay_iterations} its"
-            if es.alpha_schedule != "constant"
-            else ""
+        + "".join(
+            f" {name} {schedule} to {final:g}x over {over} its"
+            for name, schedule, final, over in (
+                ("alpha", es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations),
+                ("sigma", es.sigma_schedule, es.sigma_final, es.sigma_decay_iterations),
+            )
+            if schedule != "constant"
         ),
         "prompts_per_member": cfg.task.prompts_per_member,
         "model_path": data.attrs["model_path"],

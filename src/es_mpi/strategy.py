@@ -112,21 +112,21 @@ def update_coefficients(
     return [(seed, c) for seed, c in coefs.items() if c != 0.0]
 
 
-def scheduled_alpha(
-    alpha: float, schedule: str, final: float, decay_iterations: int, iteration: int
+def scheduled(
+    value: float, schedule: str, final: float, decay_iterations: int, iteration: int
 ) -> float:
-    """Learning rate of `iteration`: alpha x a factor from 1 (iteration 0) down to `final`
-    (iteration >= decay_iterations), linear or half-cosine; constant returns alpha."""
+    """alpha or sigma of `iteration`: value x a factor from 1 (iteration 0) down to `final`
+    (iteration >= decay_iterations), linear or half-cosine; constant returns value."""
     if schedule == "constant":
-        return alpha
+        return value
     progress = min(iteration / decay_iterations, 1.0)
     if schedule == "linear":
         fall = progress
     elif schedule == "cosine":
         fall = (1.0 - math.cos(math.pi * progress)) / 2.0
     else:
-        raise ValueError(f"unknown alpha schedule '{schedule}'")
-    return alpha * (1.0 - (1.0 - final) * fall)
+        raise ValueError(f"unknown schedule '{schedule}'")
+    return value * (1.0 - (1.0 - final) * fall)
 
 
 def replace_nonfinite(rewards: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from .strategy import (
     member_population,
     prompt_indices,
     replace_nonfinite,
-    scheduled_alpha,
+    scheduled,
     shape_rewards,
     update_coefficients,
 )
@@ -45,7 +45,7 @@ def apply_es_update(
     Training and replay both call this, so a replay repeats the update bit for bit.
     """
     shaped = shape_rewards(rewards, es.shaping, es.top_pairs)
-    alpha = scheduled_alpha(
+    alpha = scheduled(
         es.alpha, es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations, iteration
     )
     weights.apply_update(update_coefficients(population, shaped, alpha))
@@ -65,7 +65,11 @@ class Trainer:
         # A frozen copy of the base model, for tasks that report KL from it (conciseness).
         self.base_model = engine.load_base_copy() if getattr(task, "report_kl", False) else None
         self.evaluator = Evaluator(
-            engine.model, engine.tokenizer, task, self.cfg.task.max_new_tokens
+            engine.model,
+            engine.tokenizer,
+            task,
+            self.cfg.task.max_new_tokens,
+            self.cfg.runtime.decoder,
         )
         # es.mode lowrank: members are evaluated through hooks, never materialised
         lowrank = self.weights.lowrank
@@ -79,23 +83,21 @@ class Trainer:
         return self.evaluator.encode([self.task.train[i] for i in idx])
 
     def evaluate_members(
-        self, members: range, population: Population, batch: PromptBatch
+        self, members: range, population: Population, batch: PromptBatch, sigma: float
     ) -> tuple[list[float], float]:
         """Mean reward of each of this rank's members; also the seconds spent materialising."""
         if self.hooks is not None:
-            return self.evaluate_member_groups(members, population, batch)
+            return self.evaluate_member_groups(members, population, batch, sigma)
         rewards, perturb_seconds = [], 0.0
         for n in members:
             t0 = time.perf_counter()
-            self.weights.materialise(
-                int(population.seeds[n]), int(population.signs[n]), self.cfg.es.sigma
-            )
+            self.weights.materialise(int(population.seeds[n]), int(population.signs[n]), sigma)
             perturb_seconds += time.perf_counter() - t0
             rewards.append(float(self.evaluator.rewards(batch).mean()))
         return rewards, perturb_seconds
 
     def evaluate_member_groups(
-        self, members: range, population: Population, batch: PromptBatch
+        self, members: range, population: Population, batch: PromptBatch, sigma: float
     ) -> tuple[list[float], float]:
         """Low-rank mode: es.members_per_batch members per batched generation (hooks)."""
         group = self.cfg.es.members_per_batch
@@ -107,7 +109,7 @@ class Trainer:
             self.hooks.activate(
                 population.seeds[ids].tolist(),
                 population.signs[ids].tolist(),
-                self.cfg.es.sigma,
+                sigma,
                 self.weights.scales,
                 dtype,
             )
@@ -128,8 +130,11 @@ class Trainer:
         # rank two members more; a pair split between ranks costs one extra noise draw only.
         members = self.comm.my_members(es.population, es.members_per_batch)
         tokens_before = self.evaluator.generated_tokens
+        sigma = scheduled(
+            es.sigma, es.sigma_schedule, es.sigma_final, es.sigma_decay_iterations, iteration
+        )
         local_rewards, t_perturb = self.evaluate_members(
-            members, population, self.prompt_batch(iteration)
+            members, population, self.prompt_batch(iteration), sigma
         )
         t_evaluated = time.perf_counter()
         rewards = self.comm.gather_rewards(members, population.seeds, local_rewards, es.population)

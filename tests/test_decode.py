@@ -1,0 +1,105 @@
+"""The fast greedy decoder (runtime.decoder: fast) against transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import ROOT
+from es_mpi.config import ConfigError, load_config
+from es_mpi.decode import _Decoder, fast_decode_problem
+from es_mpi.evaluate import Evaluator
+from es_mpi.modelio import load_model, load_tokenizer
+from es_mpi.tasks import make_task
+
+SHIPPED = ROOT / "models" / "tiny-countdown-tags"
+
+
+def _shipped(dtype: str = "float32"):
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["task.train_size=200"])
+    task = make_task(cfg.task)
+    model = load_model(SHIPPED, dtype, torch.device("cpu"))
+    return model, load_tokenizer(SHIPPED), task
+
+
+def _perturb(model, seed: int, scale: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.add_((scale * p.float().std() * noise).to(p.dtype))
+
+
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_fast_decoder_gives_generates_tokens_on_the_shipped_model(perturbed):
+    """float32: the same greedy completions as generate (the products agree to the last
+    bits, which can flip a near-tie: at most 1 row in 64 may differ)."""
+    torch.set_num_threads(1)
+    model, tokenizer, task = _shipped()
+    if perturbed:  # a member at the default's sigma: longer, odder completions
+        _perturb(model, seed=3, scale=0.3)
+    hf = Evaluator(model, tokenizer, task, 40, "hf")
+    fast = Evaluator(model, tokenizer, task, 40, "fast")
+    batch = hf.encode(task.train[:64])
+    assert batch.attention_mask.min() == 0  # left padding is exercised
+    expected, _ = hf.generate(batch)
+    got, _ = fast.generate(batch)
+    assert got.shape[1] <= expected.shape[1]  # stops when every row has ended, as generate
+    width = min(got.shape[1], expected.shape[1])
+    same_rows = (got[:, :width] == expected[:, :width]).all(dim=1)
+    assert int(same_rows.sum()) >= 63
+
+
+def test_fast_decoder_in_bfloat16_mostly_agrees_with_float32():
+    torch.set_num_threads(1)
+    model32, tokenizer, task = _shipped("float32")
+    model16, _, _ = _shipped("bfloat16")
+    batch = Evaluator(model32, tokenizer, task, 40).encode(task.train[:64])
+    full = Evaluator(model32, tokenizer, task, 40, "fast").completions(batch)
+    half = Evaluator(model16, tokenizer, task, 40, "fast").completions(batch)
+    assert sum(a == b for a, b in zip(full, half, strict=True)) >= 58  # measured: 62-64
+
+
+def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
+    """A random Llama with 2 key/value heads for 4 query heads and q/k/v/o biases: the
+    decoder's last-position logits equal the model's own forward pass."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        dec = _Decoder(model, 3, 7)
+        cos, sin = dec.rotary(positions)
+        allowed = (torch.ones(7, 7).tril().bool() & mask.bool()[:, None, :]) | torch.eye(7).bool()
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        hidden = dec.forward(model.model.embed_tokens(ids), 0, cos, sin, additive[:, None])
+        got = torch.nn.functional.linear(hidden, dec.lm_head)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_models_and_settings_are_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20))
+    assert "Llama" in fast_decode_problem(gpt2)
+    _, tokenizer, task = _shipped()
+    with pytest.raises(ConfigError, match="'runtime.decoder'"):
+        Evaluator(gpt2, tokenizer, task, 4, "fast")
+    for override in ("es.mode=lowrank", "model.eval_dtype=int8"):
+        with pytest.raises(ConfigError, match="'runtime.decoder'"):
+            load_config(None, ["runtime.decoder=fast", override])
+    with pytest.raises(ConfigError, match="'runtime.decoder'"):
+        load_config(None, ["runtime.decoder=vllm"])
