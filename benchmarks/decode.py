@@ -57,6 +57,10 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: trainer_for(args.config, o, Path(tmp)) for name, o in SETTINGS.items()}
+        base = {  # the unperturbed base model under each setting, before any update
+            name: heldout_score(t.evaluator, t.task.test, Comm.serial(), t.cfg.task.eval_batch)
+            for name, t in trainers.items()
+        }
         seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
         rewards: dict[str, list[np.ndarray]] = {name: [] for name in SETTINGS}
         for it in range(args.repeats + 1):  # iteration 0 warms up
@@ -73,15 +77,12 @@ def main() -> None:
             f"{cfg.task.prompts_per_member} prompts, 1 rank, {args.repeats} iterations after "
             f"a warm-up), step time as a ratio to {reference}:"
         )
-        for name, trainer in trainers.items():
+        for name in trainers:
             ratios = [s / b for s, b in zip(seconds[name], seconds[reference], strict=True)]
             same = sum(
                 np.array_equal(a, b) for a, b in zip(rewards[name], rewards[reference], strict=True)
             )
-            trainer.weights.load_master()
-            score = heldout_score(
-                trainer.evaluator, trainer.task.test, Comm.serial(), cfg.task.eval_batch
-            )
+            score = base[name]
             print(
                 f"  {name:<14} time {fmt(ratios)} (median {statistics.median(seconds[name]):.2f} "
                 f"s); rewards equal to {reference} in {same}/{len(rewards[name])} iterations; "

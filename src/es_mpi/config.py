@@ -82,10 +82,10 @@ class ESConfig:
     alpha_decay_iterations: int = 0
     """Iterations over which alpha decays (needed, > 0, when alpha_schedule is not constant)."""
     sigma_schedule: str = "constant"
-    """constant, linear or cosine, as es.alpha_schedule but for sigma: large early noise
-    finds a direction fast, smaller later noise lets the unperturbed model (what is kept and
-    scored) catch up with the perturbed ones (ES improves the reward averaged over the noise).
-    Replay does not depend on it (the update uses alpha and the seeds only)."""
+    """constant, linear or cosine, as es.alpha_schedule but for sigma. ES raises the reward
+    averaged over the noise; smaller noise later is meant to bring that average closer to
+    the unperturbed model's (what is kept and scored). Replay does not depend on it (the
+    update uses alpha and the seeds only)."""
     sigma_final: float = 0.5
     """Factor of es.sigma reached at es.sigma_decay_iterations (sigma_schedule not constant)."""
     sigma_decay_iterations: int = 0

@@ -1,8 +1,8 @@
 """Greedy decoding of a Llama-architecture model without `generate` (runtime.decoder: fast).
 
-Why: on a CPU, a tiny model's `generate` spends most of its time outside the matrix products
-(growing the KV cache by concatenation, per-step bookkeeping, attention kernels made for
-long sequences); ES decodes the same short completions thousands of times per iteration.
+Why: on a CPU, a tiny model's `generate` spends a large share of its time outside the matrix
+products (growing the KV cache by concatenation, per-step bookkeeping, attention kernels
+made for long sequences); ES decodes short completions thousands of times per iteration.
 This loop preallocates the KV cache, fuses q/k/v and gate/up into one product each, keeps
 the residual stream, norms, rotary and attention in float32, and runs the linear layers in
 the weights' dtype (bfloat16 weights use the CPU's bf16 matrix units where it has them).
@@ -28,8 +28,8 @@ def fast_decode_problem(model: nn.Module) -> str | None:
     rope = getattr(cfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"the fast decoder supports default rotary embeddings only (not {rope['rope_type']})"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"the fast decoder supports silu MLPs only (not {cfg.hidden_act})"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
+        return "the fast decoder supports silu MLPs without biases only"
     for module in model.modules():
         if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
             return f"the fast decoder needs plain nn.Linear layers (found {type(module).__name__})"
