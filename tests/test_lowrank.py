@@ -102,7 +102,9 @@ def test_member_rewards_do_not_depend_on_group_size(tiny_model_dir, tmp_path):
         engine = lowrank_engine(tiny_model_dir, **{"es.members_per_batch": group})
         trainer = Trainer(engine, make_task(engine.cfg.task), tmp_path, None)
         population = member_population(0, 0, 6, antithetic=True)
-        rewards[group], _ = trainer.evaluate_members(range(6), population, trainer.prompt_batch(0))
+        batch = trainer.prompt_batch(0)
+        sigma = engine.cfg.es.sigma
+        rewards[group], _ = trainer.evaluate_members(range(6), population, batch, sigma)
     assert np.allclose(rewards[1], rewards[3])
     assert len(set(rewards[1])) > 1  # the members are told apart
 
