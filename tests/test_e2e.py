@@ -137,8 +137,14 @@ def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_d
     }
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli(_train_args(one, tiny_model_dir, **extra)).returncode == 0
-    assert run_cli(_train_args(two, tiny_model_dir, **extra), ranks=2).returncode == 0
+    trained = run_cli(_train_args(two, tiny_model_dir, **extra), ranks=2)
+    assert trained.returncode == 0
     assert _final_sha(one) == _final_sha(two)
+    # the log and the progress lines carry each iteration's scheduled alpha and sigma
+    with h5py.File(two / "run.h5", "r") as f:
+        assert f["sigma"][:] == pytest.approx([0.5, 0.4, 0.3, 0.2])  # linear, 0.4x over 3
+        assert f["alpha"][:] == pytest.approx([0.2, 0.13, 0.06, 0.06])  # cosine, 0.3x over 2
+    assert "it 2/4 reward" in trained.stdout and "alpha 0.13 sigma 0.4 " in trained.stdout
     result = run_cli(["replay", "--run-dir", str(two), "--out", str(tmp_path / "replayed")])
     assert result.returncode == 0, result.stderr
     assert weights_checksum(

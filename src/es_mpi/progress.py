@@ -40,8 +40,11 @@ class Progress:
         time_limit_minutes: float = 0.0,
         tensorboard_dir: Path | None = None,
         bar: bool | None = None,
+        show_rates: bool = False,
     ) -> None:
+        """show_rates: print each iteration's alpha and sigma (they follow a schedule)."""
         self.total, self.start = total, start
+        self.show_rates = show_rates
         self.deadline = time.monotonic() + 60 * time_limit_minutes if time_limit_minutes else None
         self.seconds: list[float] = []
         self.last_heldout = ""
@@ -66,6 +69,9 @@ class Progress:
         seconds = record.times.get("iteration", float("nan"))
         self.seconds.append(seconds)
         rewards = record.rewards
+        rates = ""
+        if self.show_rates:
+            rates = f" alpha {record.metrics['alpha']:.3g} sigma {record.metrics['sigma']:.3g}"
         if self.bar is not None:
             self.bar.set_postfix_str(
                 f"reward {rewards.mean():.4f} max {rewards.max():.4f}{self.last_heldout}",
@@ -75,7 +81,7 @@ class Progress:
         else:  # batch job: one compact line per iteration
             print(
                 f"[es-mpi] it {done}/{self.total} reward {rewards.mean():.4f} "
-                f"max {rewards.max():.4f}{scored} | {seconds:.2f} s/it "
+                f"max {rewards.max():.4f}{rates}{scored} | {seconds:.2f} s/it "
                 f"ETA {format_seconds(self.eta_seconds(done))}",
                 flush=True,
             )

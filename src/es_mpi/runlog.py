@@ -28,6 +28,8 @@ SCALARS = {
     "reward_std": "f8",
     "shaped_min": "f8",
     "shaped_max": "f8",
+    "alpha": "f8",  # the iteration's alpha and sigma (es.*_schedule; relative units with
+    "sigma": "f8",  # es.sigma_scale per_tensor_std)
     "update_norm_ratio": "f8",  # |theta_new - theta| / |theta|, all tensors together
     "tokens_per_second": "f8",  # generated tokens of all members / evaluation wall time
     "time_evaluate": "f8",

@@ -45,11 +45,21 @@ def apply_es_update(
     Training and replay both call this, so a replay repeats the update bit for bit.
     """
     shaped = shape_rewards(rewards, es.shaping, es.top_pairs)
-    alpha = scheduled(
-        es.alpha, es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations, iteration
-    )
+    alpha, _ = scheduled_rates(es, iteration)
     weights.apply_update(update_coefficients(population, shaped, alpha))
     return shaped
+
+
+def scheduled_rates(es: ESConfig, iteration: int) -> tuple[float, float]:
+    """(alpha, sigma) of `iteration` under es.alpha_schedule and es.sigma_schedule."""
+    return (
+        scheduled(
+            es.alpha, es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations, iteration
+        ),
+        scheduled(
+            es.sigma, es.sigma_schedule, es.sigma_final, es.sigma_decay_iterations, iteration
+        ),
+    )
 
 
 class Trainer:
@@ -130,9 +140,7 @@ class Trainer:
         # rank two members more; a pair split between ranks costs one extra noise draw only.
         members = self.comm.my_members(es.population, es.members_per_batch)
         tokens_before = self.evaluator.generated_tokens
-        sigma = scheduled(
-            es.sigma, es.sigma_schedule, es.sigma_final, es.sigma_decay_iterations, iteration
-        )
+        alpha, sigma = scheduled_rates(es, iteration)
         local_rewards, t_perturb = self.evaluate_members(
             members, population, self.prompt_batch(iteration), sigma
         )
@@ -145,6 +153,8 @@ class Trainer:
         t_updated = time.perf_counter()
         checksum = self.agreed_checksum(iteration)
         metrics = {
+            "alpha": alpha,
+            "sigma": sigma,
             "update_norm_ratio": self.weights.update_norm_ratio,
             # all ranks' generated tokens over the time until the slowest rank was done
             "tokens_per_second": sum(tokens) / (t_gathered - t_start) if tokens else float("nan"),
@@ -209,6 +219,8 @@ class Trainer:
                 start,
                 runtime.time_limit_minutes,
                 self.run_dir / "tensorboard" if runtime.tensorboard else None,
+                show_rates=self.cfg.es.alpha_schedule != "constant"
+                or self.cfg.es.sigma_schedule != "constant",
             )
         scored_at = None  # iterations done at the latest held-out evaluation
         if start == 0:
