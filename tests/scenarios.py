@@ -135,7 +135,9 @@ def disk_trouble(run_dir: Path, model_dir: Path, mount: Path, kind: str) -> Outc
     def act(proc) -> float:
         if kind == "full":  # the failure may strike while filling: time from the start
             started = time.time()
-            with open(mount / "filler", "wb") as f:
+            # unbuffered: a buffered file would raise ENOSPC again when closed (flushing the
+            # rest of its buffer), outside the try below
+            with open(mount / "filler", "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
