@@ -162,7 +162,7 @@ def test_time_limit_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path)
     result = run_cli(limited, ranks=2)
     assert result.returncode == 0, result.stderr
     with h5py.File(run_dir / "run.h5", "r") as f:
-        assert int(f.attrs["iterations_done"]) == 1  # the limit is checked after each iteration
+        assert int(f.attrs["iterations_done"]) == 1  # a session runs at least one iteration
     assert (run_dir / "final" / "model.safetensors").is_file()
     assert run_cli(["resume", "--run-dir", str(run_dir)]).returncode == 0  # the limit holds
     with h5py.File(run_dir / "run.h5", "r") as f:

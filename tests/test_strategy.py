@@ -14,6 +14,7 @@ from es_mpi.strategy import (
     update_coefficients,
     zscore,
 )
+from es_mpi.trainer import out_of_time
 
 
 def test_zscore_hand_computed():
@@ -106,3 +107,20 @@ def test_every_member_dealt_to_exactly_one_rank(population, world, group):
     for r in range(world):  # whole groups only, except the population's last partial group
         members = deal_members(population, world, r, group)
         assert len(members) == 0 or members.start % group == 0
+
+
+@pytest.mark.parametrize(
+    "elapsed, loop_seconds, expected",
+    [
+        (0.0, [], False),  # a session's first iteration always runs
+        (100.0, [], False),
+        (50.0, [10.0], False),  # ends at 60 s: fits exactly
+        (50.1, [10.0], True),
+        (40.0, [5.0, 21.0, 5.0], True),  # the longest recent iteration (a held-out one) counts
+        (40.0, [21.0] + [5.0] * 20, False),  # ... within the last 20
+    ],
+)
+def test_time_limit_stops_before_an_iteration_that_would_end_past_it(
+    elapsed, loop_seconds, expected
+):
+    assert out_of_time(elapsed, loop_seconds, limit_seconds=60.0) is expected

@@ -301,8 +301,12 @@ class RuntimeConfig:
     """Every this many iterations all ranks hash their master weights and must agree
     (0: never; rank 0 still logs its checksum every iteration)."""
     time_limit_minutes: float = 0.0
-    """Stop cleanly after the iteration during which this much wall time of the session has
-    passed (0: no limit); the run can be resumed. Rank 0's clock decides for all ranks."""
+    """Stop cleanly before an iteration that would end after this much wall time of the
+    session (0: no limit): the estimate is the longest of the session's last 20 iterations
+    (held-out evaluations and checkpoints included), and a session always runs at least one
+    iteration. The final held-out evaluation and model save come after the limit: leave a
+    margin for them below a scheduler's wall time. The run can be resumed. Rank 0's clock
+    decides for all ranks."""
 
     tensorboard: bool = False
     """Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the optional

@@ -50,6 +50,12 @@ def apply_es_update(
     return shaped
 
 
+def out_of_time(elapsed: float, loop_seconds: list[float], limit_seconds: float) -> bool:
+    """Would the next iteration, estimated as the longest of the last 20, end past the
+    limit? Never before a session's first iteration (it has no estimate)."""
+    return bool(loop_seconds) and elapsed + max(loop_seconds[-20:]) > limit_seconds
+
+
 def scheduled_rates(es: ESConfig, iteration: int) -> tuple[float, float]:
     """(alpha, sigma) of `iteration` under es.alpha_schedule and es.sigma_schedule."""
     return (
@@ -227,14 +233,16 @@ class Trainer:
             self.evaluate_heldout(0)
             scored_at = 0
         session_start = time.monotonic()
+        loop_seconds: list[float] = []  # this session's iterations, held-out included
         done = start
         self.install_stop_signals()
         while done < total:
-            reason = self.stop_reason(session_start)
+            reason = self.stop_reason(session_start, loop_seconds)
             if reason == "time limit":
                 break
             if reason is not None:  # a signal: leave quickly, resumable, no held-out/final
                 self.interrupt(done, reason)
+            t_loop = time.monotonic()
             record = self.step(done)
             done += 1
             t_logged = 0.0
@@ -252,6 +260,7 @@ class Trainer:
                 self.progress.iteration(record, score)
                 self.logging_seconds.append(t_logged + time.perf_counter() - t0)
                 self.maybe_checkpoint(done, record.checksum)
+            loop_seconds.append(time.monotonic() - t_loop)
         if scored_at != done:
             self.evaluate_heldout(done)
         self.finish()
@@ -270,13 +279,13 @@ class Trainer:
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, handler)
 
-    def stop_reason(self, session_start: float) -> str | None:
-        """Collective: a signal on any rank, or rank 0's clock past the time limit, stops
-        every rank after the same iteration."""
+    def stop_reason(self, session_start: float, loop_seconds: list[float]) -> str | None:
+        """Collective: a signal on any rank, or rank 0's clock past the time limit
+        (`out_of_time`), stops every rank after the same iteration."""
         limit = self.cfg.runtime.time_limit_minutes
         reason = self.stop_signal
         if reason is None and self.comm.is_main and limit:
-            if time.monotonic() - session_start >= 60 * limit:
+            if out_of_time(time.monotonic() - session_start, loop_seconds, 60 * limit):
                 reason = "time limit"
         return next((r for r in self.comm.allgather(reason) if r), None)
 
