@@ -66,7 +66,7 @@ def read_log(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def population(config: Path, overrides: list[str]) -> int:
-    from es_mpi.config import load_config
+    from es_mpi.config_load import load_config
 
     return load_config(config, overrides).es.population
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from es_mpi.comm import Comm  # noqa: E402
-from es_mpi.config import load_config  # noqa: E402
+from es_mpi.config_load import load_config  # noqa: E402
 from es_mpi.engine import Engine  # noqa: E402
 from es_mpi.evaluate import Evaluator, heldout_score  # noqa: E402
 from es_mpi.lowrank import PopulationHooks  # noqa: E402

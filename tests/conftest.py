@@ -53,6 +53,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_config(tiny_model_dir):
-    from es_mpi.config import load_config
+    from es_mpi.config_load import load_config
 
     return load_config(None, small_overrides(tiny_model_dir))

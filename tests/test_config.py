@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import ROOT, run_cli, small_overrides
-from es_mpi.config import Config, ConfigError, describe_fields, load_config
+from es_mpi.config import Config, ConfigError
+from es_mpi.config_load import describe_fields, load_config
 
 
 def test_defaults_are_valid_and_documented():

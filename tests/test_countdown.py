@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from es_mpi.config import ConfigError, load_config
+from es_mpi.config import ConfigError
+from es_mpi.config_load import load_config
 from es_mpi.tasks import make_task
 from es_mpi.tasks.countdown import countdown_reward, generate_problems, generated_split, problem_key
 from es_mpi.tasks.safe_arith import evaluate

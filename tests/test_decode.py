@@ -7,7 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT
-from es_mpi.config import ConfigError, load_config
+from es_mpi.config import ConfigError
+from es_mpi.config_load import load_config
 from es_mpi.decode import _Decoder, fast_decode_problem
 from es_mpi.evaluate import Evaluator
 from es_mpi.modelio import load_model, load_tokenizer

@@ -8,7 +8,8 @@ import torch
 
 from conftest import small_overrides
 from es_mpi.comm import Comm
-from es_mpi.config import ConfigError, load_config
+from es_mpi.config import ConfigError
+from es_mpi.config_load import load_config
 from es_mpi.engine import Engine
 from es_mpi.evaluate import Evaluator
 from es_mpi.lowrank import LowRankNoise, PopulationHooks

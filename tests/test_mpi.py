@@ -61,7 +61,7 @@ def test_rank_count_invariance_in_process(comm_world, shared_tmp, shared_model_d
     from mpi4py import MPI
 
     from es_mpi.comm import Comm
-    from es_mpi.config import load_config
+    from es_mpi.config_load import load_config
     from es_mpi.session import start_run
 
     by_mode = {"lowrank": LOWRANK, "fast-bf16": FAST_BF16}
@@ -83,7 +83,7 @@ def test_replicas_that_drift_apart_are_detected_on_every_rank(
 ):
     import torch
 
-    from es_mpi.config import load_config
+    from es_mpi.config_load import load_config
     from es_mpi.engine import Engine
     from es_mpi.tasks import make_task
     from es_mpi.trainer import Trainer

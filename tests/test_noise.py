@@ -117,7 +117,7 @@ def test_per_tensor_scale_multiplies_sigma_and_alpha():
 
 
 def test_sigma_scales_logged_or_derived_from_the_base():
-    from es_mpi.config import load_config
+    from es_mpi.config_load import load_config
     from es_mpi.perturb import per_tensor_std
     from es_mpi.runlog import LogData
     from es_mpi.session import sigma_scales

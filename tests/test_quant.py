@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import small_overrides
 from es_mpi.comm import Comm
-from es_mpi.config import ConfigError, load_config
+from es_mpi.config import ConfigError
+from es_mpi.config_load import load_config
 from es_mpi.engine import Engine
 from es_mpi.quant import Int8Linear, quantise_linears
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from es_mpi.config import ConfigError, load_config
+from es_mpi.config import ConfigError
+from es_mpi.config_load import load_config
 from es_mpi.tasks import make_task
 from es_mpi.tasks.arithmetic import partial_match
 from es_mpi.tasks.base import Example, train_without_heldout

@@ -111,14 +111,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _help_config() -> None:
-    from .config import describe_fields
+    from .config_load import describe_fields
 
     for name, default, doc in describe_fields():
         print(f"{name} = {default!r}\n    {doc}")
 
 
 def _run(args: argparse.Namespace, comm) -> None:
-    from .config import load_config
+    from .config_load import load_config
 
     # The config is checked before the heavy imports, so bad input fails in a fraction of a second.
     cfg = None

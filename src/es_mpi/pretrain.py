@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .comm import Comm
-from .config import Config, load_config
+from .config import Config
+from .config_load import load_config
 from .engine import set_threads
 from .evaluate import Evaluator, heldout_score
 from .tasks.countdown import TINY_ANSWER_FORMAT, CountdownTask, generate_problems, problem_key

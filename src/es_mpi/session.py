@@ -19,7 +19,8 @@ import yaml
 
 from .checkpoint import list_checkpoints, load_checkpoint, replace_dir
 from .comm import Comm
-from .config import Config, ConfigError, apply_resume_overrides, config_from_dict
+from .config import Config, ConfigError
+from .config_load import apply_resume_overrides, config_from_dict
 from .engine import Engine
 from .evaluate import Evaluator, HeldoutScore, heldout_score
 from .modelio import check_model_dir, model_sha256, save_hf_dir
