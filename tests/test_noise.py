@@ -129,3 +129,27 @@ def test_sigma_scales_logged_or_derived_from_the_base():
     assert sigma_scales(load_config(None, []), weights) == {"a": 1.0, "b": 1.0}
     logged = LogData({"sigma_scales": '{"a": 2.0, "b": 3.0}'}, {}, [], {})
     assert sigma_scales(scaled, weights, logged) == {"a": 2.0, "b": 3.0}
+
+
+def test_scale_multipliers_first_matching_pair_applies():
+    from es_mpi.config_load import load_config
+    from es_mpi.session import sigma_scales
+
+    weights = MasterWeights(TwoTensors())
+
+    def scales(*overrides: str) -> dict[str, float]:
+        return sigma_scales(load_config(None, list(overrides)), weights)
+
+    assert scales("es.scale_multipliers=b=10") == {"a": 1.0, "b": 10.0}
+    assert scales("es.scale_multipliers=a=0.5, [ab]=3") == {"a": 0.5, "b": 3.0}
+    assert scales("es.scale_multipliers=b=10", "es.perturb_only=b") == {"a": 0.0, "b": 10.0}
+    assert scales("es.scale_multipliers=") == {"a": 1.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("bad", ["norm", "=2", "norm=-1", "norm=x", "(=2", "norm=nan"])
+def test_scale_multipliers_rejects_bad_pairs(bad):
+    from es_mpi.config import ConfigError
+    from es_mpi.config_load import load_config
+
+    with pytest.raises(ConfigError, match="es.scale_multipliers"):
+        load_config(None, [f"es.scale_multipliers={bad}"])

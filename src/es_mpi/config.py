@@ -8,6 +8,7 @@ overrides into this tree: config_load.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,27 @@ def _require_schedule(prefix: str, schedule: str, final: float, decay_iterations
         f"{prefix}_decay_iterations",
         f"must be > 0 when {prefix}_schedule is not constant",
     )
+
+
+def parse_scale_multipliers(text: str) -> list[tuple[re.Pattern, float]]:
+    """'norm=10,embed=2' -> [(re 'norm', 10.0), (re 'embed', 2.0)] (es.scale_multipliers)."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, sep, factor = item.rpartition("=")
+        try:
+            value = float(factor)
+            compiled = re.compile(pattern)
+        except (ValueError, re.error) as exc:
+            raise ConfigError(
+                f"config field 'es.scale_multipliers': bad pair '{item}' ({exc})"
+            ) from exc
+        if not sep or not pattern or not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(
+                f"config field 'es.scale_multipliers': '{item}' is not regex=factor "
+                "with a finite factor >= 0"
+            )
+        pairs.append((compiled, value))
+    return pairs
 
 
 @dataclass
@@ -108,6 +130,12 @@ class ESConfig:
     """Regular expression on parameter names (re.search): only matching tensors are
     perturbed and updated, the others stay frozen (empty: all tensors). Applied through the
     per-tensor scales stored in the run log (a frozen tensor has scale 0)."""
+    scale_multipliers: str = ""
+    """Per-tensor factors on sigma and alpha, on top of es.sigma_scale: comma-separated
+    regex=factor pairs (re.search on parameter names; a tensor takes the factor of the
+    first pair that matches, 1 if none; 0 freezes it). Why: per_tensor_std gives RMSNorm
+    gains (values near 1, std ~0.015) almost no noise; 'norm=10' lets ES move them.
+    Stored in the run log with the per-tensor scales."""
     nonfinite_rewards: str = "fail"
     """A NaN or infinite member reward: fail (stop the job naming the member, its seed and
     the rank that scored it) or worst (score it as the lowest finite reward of the
@@ -154,6 +182,7 @@ class ESConfig:
             raise ConfigError(
                 f"config field 'es.perturb_only': not a regular expression: {exc}"
             ) from exc
+        parse_scale_multipliers(self.scale_multipliers)
         _require(self.rank >= 1, "es.rank", "must be >= 1")
         _require(
             self.lowrank_vectors in LOWRANK_VECTORS,
