@@ -59,6 +59,9 @@ pretrain-model: install
 		--threads 2 --weight-noise 0.1 --config configs/default.yaml
 	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-tags --steps 250 --seed 0 \
 		--threads 2 --weight-noise 0.3 --tag-tokens --config configs/default.yaml
+	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-esnoise --steps 250 --seed 0 \
+		--threads 2 --weight-noise 0.3 --tag-tokens --noise-multipliers "norm=10,embed=0.5" \
+		--config configs/default.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

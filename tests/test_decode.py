@@ -14,14 +14,14 @@ from es_mpi.evaluate import Evaluator
 from es_mpi.modelio import load_model, load_tokenizer
 from es_mpi.tasks import make_task
 
-SHIPPED = ROOT / "models" / "tiny-countdown-tags"
-
 
 def _shipped(dtype: str = "float32"):
+    """The default config's base model and task."""
     cfg = load_config(ROOT / "configs" / "default.yaml", ["task.train_size=200"])
     task = make_task(cfg.task)
-    model = load_model(SHIPPED, dtype, torch.device("cpu"))
-    return model, load_tokenizer(SHIPPED), task
+    path = ROOT / cfg.model.path
+    model = load_model(path, dtype, torch.device("cpu"))
+    return model, load_tokenizer(path), task
 
 
 def _perturb(model, seed: int, scale: float) -> None:

@@ -234,6 +234,34 @@ def test_noise_robust_pretraining_restores_clean_weights():
     assert _perturb(model, 0.0, torch.Generator()) == []
 
 
+def test_pretraining_noise_multipliers_scale_each_tensors_noise():
+    from es_mpi.pretrain import _perturb, _unperturb
+    from es_mpi.tiny_model import tiny_llama
+
+    model, _ = tiny_llama(32, 1, 2, 0)
+    with torch.no_grad():  # norm gains start at exactly 1 (std 0: no noise to scale)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def noise(multipliers: str) -> dict[str, torch.Tensor]:
+        clean = _perturb(model, 0.5, torch.Generator().manual_seed(0), multipliers)
+        moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        _unperturb(model, clean)
+        return moved
+
+    plain, scaled = noise(""), noise("norm=10,embed=0")
+    for name, delta in scaled.items():
+        if "norm" in name:
+            assert torch.allclose(delta, 10 * plain[name], rtol=1e-4, atol=1e-6), name
+        elif "embed" in name:
+            assert not delta.any(), name
+        else:
+            assert torch.equal(delta, plain[name]), name
+    assert all(plain[n].any() for n in plain if "norm" in n or "embed" in n)
+
+
 def test_tag_tokens_shorten_completions_and_decode_back():
     from es_mpi.tasks.countdown import TINY_ANSWER_FORMAT
     from es_mpi.tiny_model import TAGS, char_tokenizer

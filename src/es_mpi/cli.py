@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=3e-3)
     pt.add_argument("--weight-noise", type=float, default=0.0, help="noise-robust training")
     pt.add_argument("--tag-tokens", action="store_true", help="Countdown's tags as single tokens")
+    pt.add_argument(
+        "--noise-multipliers", default="", help="per-tensor factors on --weight-noise (regex=f,...)"
+    )
     pt.add_argument("--config", default="configs/default.yaml", help="task settings")
 
     m = sub.add_parser("init-model", help="build the tiny random Llama + char tokenizer")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .comm import Comm
-from .config import Config
+from .config import Config, parse_scale_multipliers
 from .config_load import load_config
 from .engine import set_threads
 from .evaluate import Evaluator, heldout_score
@@ -40,6 +40,9 @@ class PretrainArgs:
     the tensor's std)^2), the gradient applied to the clean weights (0: plain training)."""
     tag_tokens: bool = False
     """Countdown's <think>/<answer> tags as single tokens (shorter completions, faster ES)."""
+    noise_multipliers: str = ""
+    """Per-tensor factors on weight_noise, as 'regex=factor,...' (es.scale_multipliers'
+    syntax, first match applies): pretraining under the noise ES will apply."""
 
 
 def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
@@ -59,14 +62,18 @@ def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
 
 
 @torch.no_grad()
-def _perturb(model, scale: float, generator: torch.Generator) -> list[torch.Tensor]:
+def _perturb(
+    model, scale: float, generator: torch.Generator, multipliers: str = ""
+) -> list[torch.Tensor]:
     """Add scaled Gaussian noise to every weight; returns the clean weights to restore."""
     if not scale:
         return []
+    pairs = parse_scale_multipliers(multipliers)
     clean = []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         clean.append(p.detach().clone())
-        p.add_(torch.randn(p.shape, generator=generator), alpha=scale * float(p.std()))
+        factor = next((f for pattern, f in pairs if pattern.search(name)), 1.0)
+        p.add_(torch.randn(p.shape, generator=generator), alpha=scale * factor * float(p.std()))
     return clean
 
 
@@ -104,7 +111,7 @@ def pretrain(args: PretrainArgs) -> dict:
             [task.example(p).prompt for p in chunk],
             [TINY_ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
         )
-        clean = _perturb(model, args.weight_noise, generator)
+        clean = _perturb(model, args.weight_noise, generator, args.noise_multipliers)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
