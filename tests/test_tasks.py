@@ -262,6 +262,14 @@ def test_pretraining_noise_multipliers_scale_each_tensors_noise():
     assert all(plain[n].any() for n in plain if "norm" in n or "embed" in n)
 
 
+def test_pretrain_refuses_bad_noise_multipliers_before_training(tmp_path):
+    out = tmp_path / "model"
+    result = run_cli(["pretrain", "--out", str(out), "--noise-multipliers", "norm"])
+    assert result.returncode == 2
+    assert "pretrain --noise-multipliers: bad pair 'norm'" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 def test_tag_tokens_shorten_completions_and_decode_back():
     from es_mpi.tasks.countdown import TINY_ANSWER_FORMAT
     from es_mpi.tiny_model import TAGS, char_tokenizer

@@ -216,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         from .pretrain import PretrainArgs, pretrain
 
         fields = {k: v for k, v in vars(args).items() if k != "command"}
-        pretrain(PretrainArgs(**{**fields, "out": str(args.out)}))
+        try:
+            pretrain(PretrainArgs(**{**fields, "out": str(args.out)}))
+        except ConfigError as exc:
+            print(f"es-mpi: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         return 0
     offline = {"inspect": _inspect, "plot": _plot, "export": _export}  # one process, no MPI
     if args.command in offline:

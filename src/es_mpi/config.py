@@ -47,8 +47,11 @@ def _require_schedule(prefix: str, schedule: str, final: float, decay_iterations
     )
 
 
-def parse_scale_multipliers(text: str) -> list[tuple[re.Pattern, float]]:
-    """'norm=10,embed=2' -> [(re 'norm', 10.0), (re 'embed', 2.0)] (es.scale_multipliers)."""
+def parse_scale_multipliers(
+    text: str, source: str = "config field 'es.scale_multipliers'"
+) -> list[tuple[re.Pattern, float]]:
+    """'norm=10,embed=2' -> [(re 'norm', 10.0), (re 'embed', 2.0)] (es.scale_multipliers);
+    `source` names the setting in error messages."""
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         pattern, sep, factor = item.rpartition("=")
@@ -56,14 +59,9 @@ def parse_scale_multipliers(text: str) -> list[tuple[re.Pattern, float]]:
             value = float(factor)
             compiled = re.compile(pattern)
         except (ValueError, re.error) as exc:
-            raise ConfigError(
-                f"config field 'es.scale_multipliers': bad pair '{item}' ({exc})"
-            ) from exc
+            raise ConfigError(f"{source}: bad pair '{item}' ({exc})") from exc
         if not sep or not pattern or not (value >= 0 and math.isfinite(value)):
-            raise ConfigError(
-                f"config field 'es.scale_multipliers': '{item}' is not regex=factor "
-                "with a finite factor >= 0"
-            )
+            raise ConfigError(f"{source}: '{item}' is not regex=factor with a finite factor >= 0")
         pairs.append((compiled, value))
     return pairs
 

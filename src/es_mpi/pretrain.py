@@ -85,6 +85,7 @@ def _unperturb(model, clean: list[torch.Tensor]) -> None:
 
 
 def pretrain(args: PretrainArgs) -> dict:
+    parse_scale_multipliers(args.noise_multipliers, "pretrain --noise-multipliers")  # fail early
     set_threads(args.threads)
     cfg: Config = load_config(args.config, ["task.name=countdown"])
     task = CountdownTask(cfg.task)
