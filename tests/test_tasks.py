@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from es_mpi.config import ConfigError
+from es_mpi.config import ConfigError, parse_scale_multipliers
 from es_mpi.config_load import load_config
 from es_mpi.tasks import make_task
 from es_mpi.tasks.arithmetic import partial_match
@@ -246,7 +246,8 @@ def test_pretraining_noise_multipliers_scale_each_tensors_noise():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def noise(multipliers: str) -> dict[str, torch.Tensor]:
-        clean = _perturb(model, 0.5, torch.Generator().manual_seed(0), multipliers)
+        pairs = parse_scale_multipliers(multipliers)
+        clean = _perturb(model, 0.5, torch.Generator().manual_seed(0), pairs)
         moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
         _unperturb(model, clean)
         return moved

@@ -66,6 +66,11 @@ def parse_scale_multipliers(
     return pairs
 
 
+def multiplier_for(name: str, pairs: list[tuple[re.Pattern, float]]) -> float:
+    """The factor of the first pair whose regex matches `name` (1.0 when none does)."""
+    return next((factor for pattern, factor in pairs if pattern.search(name)), 1.0)
+
+
 @dataclass
 class ModelConfig:
     path: str = "models/tiny-random"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .comm import Comm
-from .config import Config, parse_scale_multipliers
+from .config import Config, multiplier_for, parse_scale_multipliers
 from .config_load import load_config
 from .engine import set_threads
 from .evaluate import Evaluator, heldout_score
@@ -63,16 +63,16 @@ def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
 
 @torch.no_grad()
 def _perturb(
-    model, scale: float, generator: torch.Generator, multipliers: str = ""
+    model, scale: float, generator: torch.Generator, multipliers: list | None = None
 ) -> list[torch.Tensor]:
-    """Add scaled Gaussian noise to every weight; returns the clean weights to restore."""
+    """Add scaled Gaussian noise to every weight; returns the clean weights to restore.
+    multipliers: parsed per-tensor factors (parse_scale_multipliers), parsed once per run."""
     if not scale:
         return []
-    pairs = parse_scale_multipliers(multipliers)
     clean = []
     for name, p in model.named_parameters():
         clean.append(p.detach().clone())
-        factor = next((f for pattern, f in pairs if pattern.search(name)), 1.0)
+        factor = multiplier_for(name, multipliers or [])
         p.add_(torch.randn(p.shape, generator=generator), alpha=scale * factor * float(p.std()))
     return clean
 
@@ -85,7 +85,8 @@ def _unperturb(model, clean: list[torch.Tensor]) -> None:
 
 
 def pretrain(args: PretrainArgs) -> dict:
-    parse_scale_multipliers(args.noise_multipliers, "pretrain --noise-multipliers")  # fail early
+    # parsed before any work, so a bad value fails at once
+    multipliers = parse_scale_multipliers(args.noise_multipliers, "pretrain --noise-multipliers")
     set_threads(args.threads)
     cfg: Config = load_config(args.config, ["task.name=countdown"])
     task = CountdownTask(cfg.task)
@@ -112,7 +113,7 @@ def pretrain(args: PretrainArgs) -> dict:
             [task.example(p).prompt for p in chunk],
             [TINY_ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
         )
-        clean = _perturb(model, args.weight_noise, generator, args.noise_multipliers)
+        clean = _perturb(model, args.weight_noise, generator, multipliers)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()

@@ -19,7 +19,7 @@ import yaml
 
 from .checkpoint import list_checkpoints, load_checkpoint, replace_dir
 from .comm import Comm
-from .config import Config, ConfigError, parse_scale_multipliers
+from .config import Config, ConfigError, multiplier_for, parse_scale_multipliers
 from .config_load import apply_resume_overrides, config_from_dict
 from .engine import Engine
 from .evaluate import Evaluator, HeldoutScore, heldout_score
@@ -137,7 +137,7 @@ def sigma_scales(
         scales = dict.fromkeys(weights.names, 1.0)
     multipliers = parse_scale_multipliers(cfg.es.scale_multipliers)
     for name in scales:  # the first matching pair applies
-        scales[name] *= next((f for p, f in multipliers if p.search(name)), 1.0)
+        scales[name] *= multiplier_for(name, multipliers)
     if cfg.es.perturb_only:
         pattern = re.compile(cfg.es.perturb_only)
         scales = {n: s if pattern.search(n) else 0.0 for n, s in scales.items()}
