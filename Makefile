@@ -62,6 +62,9 @@ pretrain-model: install
 	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-esnoise --steps 250 --seed 0 \
 		--threads 2 --weight-noise 0.3 --tag-tokens --noise-multipliers "norm=10,embed=0.5" \
 		--config configs/default.yaml
+	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-h64 --steps 700 --seed 0 \
+		--threads 2 --hidden 64 --layers 3 --heads 2 --weight-noise 0.3 --tag-tokens \
+		--noise-multipliers "norm=10,embed=0.5" --config configs/default.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -52,14 +52,23 @@ def test_fast_decoder_gives_generates_tokens_on_the_shipped_model(perturbed):
     assert int(same_rows.sum()) >= 63
 
 
-def test_fast_decoder_in_bfloat16_mostly_agrees_with_float32():
+def test_fast_decoder_in_bfloat16_agrees_with_float32_as_well_as_generate():
+    """Rounding the weights to bfloat16 changes some greedy completions of a tiny base; the
+    fast decoder in bfloat16 may not change many more of them than generate does (default
+    base, 3 batches of 64: 57-58 unchanged for the fast decoder, 57-59 for generate)."""
     torch.set_num_threads(1)
     model32, tokenizer, task = _shipped("float32")
     model16, _, _ = _shipped("bfloat16")
     batch = Evaluator(model32, tokenizer, task, 40).encode(task.train[:64])
-    full = Evaluator(model32, tokenizer, task, 40, "fast").completions(batch)
-    half = Evaluator(model16, tokenizer, task, 40, "fast").completions(batch)
-    assert sum(a == b for a, b in zip(full, half, strict=True)) >= 58  # measured: 62-64
+
+    def unchanged(decoder: str) -> int:
+        full = Evaluator(model32, tokenizer, task, 40, decoder).completions(batch)
+        half = Evaluator(model16, tokenizer, task, 40, decoder).completions(batch)
+        return sum(a == b for a, b in zip(full, half, strict=True))
+
+    fast = unchanged("fast")
+    assert fast >= 48
+    assert fast >= unchanged("hf") - 2
 
 
 def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
