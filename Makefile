@@ -52,19 +52,18 @@ lint: install
 model: install
 	$(VENV)/bin/es-mpi init-model --out models/tiny-random --seed 0
 
+# Shared by every pretrained base; ESNOISE is the recipe of the default's bases (pretrained
+# under the noise the default's ES applies).
+PRETRAIN = $(VENV)/bin/es-mpi pretrain --seed 0 --threads 2 --config configs/default.yaml
+ESNOISE = --weight-noise 0.3 --tag-tokens --noise-multipliers "norm=10,embed=0.5"
+
 pretrain-model: install
-	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown --steps 250 --seed 0 --threads 2 \
-		--config configs/default.yaml
-	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-robust --steps 250 --seed 0 \
-		--threads 2 --weight-noise 0.1 --config configs/default.yaml
-	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-tags --steps 250 --seed 0 \
-		--threads 2 --weight-noise 0.3 --tag-tokens --config configs/default.yaml
-	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-esnoise --steps 250 --seed 0 \
-		--threads 2 --weight-noise 0.3 --tag-tokens --noise-multipliers "norm=10,embed=0.5" \
-		--config configs/default.yaml
-	$(VENV)/bin/es-mpi pretrain --out models/tiny-countdown-h64 --steps 700 --seed 0 \
-		--threads 2 --hidden 64 --layers 3 --heads 2 --weight-noise 0.3 --tag-tokens \
-		--noise-multipliers "norm=10,embed=0.5" --config configs/default.yaml
+	$(PRETRAIN) --out models/tiny-countdown --steps 250
+	$(PRETRAIN) --out models/tiny-countdown-robust --steps 250 --weight-noise 0.1
+	$(PRETRAIN) --out models/tiny-countdown-tags --steps 250 --weight-noise 0.3 --tag-tokens
+	$(PRETRAIN) --out models/tiny-countdown-esnoise --steps 250 $(ESNOISE)
+	$(PRETRAIN) --out models/tiny-countdown-h64 --steps 700 --hidden 64 --layers 3 --heads 2 \
+		$(ESNOISE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
