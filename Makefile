@@ -9,7 +9,8 @@ PYTEST_MPI := -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-serial test-mpi run bench bench-learning lint model pretrain-model clean
+.PHONY: install test test-serial test-mpi run bench bench-learning bench-paper lint model fixtures \
+	pretrain-model paper-data clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +41,10 @@ bench: install
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/failures.py
 
+# Every configs/paper/*.yaml for 2 iterations on each chat fixture, 1 rank against RANKS.
+bench-paper: install
+	$(PY) benchmarks/paper_configs.py --ranks $(RANKS)
+
 # Held-out accuracy of the default against wall time for 3 run seeds (30 minutes on 2 cores).
 bench-learning: install
 	$(PY) benchmarks/learning.py --config configs/default.yaml
@@ -51,6 +56,19 @@ lint: install
 # Rebuild the shipped tiny models (deterministic from their seeds).
 model: install
 	$(VENV)/bin/es-mpi init-model --out models/tiny-random --seed 0
+
+# The chat fixtures: Qwen2, Llama-3 and Gemma-3 architectures with BPE tokenizers, chat
+# templates and two end ids (random weights; rebuilt byte for byte).
+fixtures: install
+	for family in qwen2 llama3 gemma3; do \
+		$(VENV)/bin/es-mpi init-model --family $$family --out models/$$family-tiny-chat || exit 1; \
+	done
+
+# The paper's Countdown file (academic-use licence: not redistributed here; data/README.md).
+COUNTDOWN_JSON ?= ../shared/data/countdown.json
+paper-data: install
+	$(PY) -c "from es_mpi.tasks.countdown import load_problems as l; l('$(COUNTDOWN_JSON)')"
+	cp $(COUNTDOWN_JSON) data/countdown.json
 
 # Shared by every pretrained base; ESNOISE is the recipe of the default's bases (pretrained
 # under the noise the default's ES applies).
@@ -64,6 +82,9 @@ pretrain-model: install
 	$(PRETRAIN) --out models/tiny-countdown-esnoise --steps 250 $(ESNOISE)
 	$(PRETRAIN) --out models/tiny-countdown-h64 --steps 700 --hidden 64 --layers 3 --heads 2 \
 		$(ESNOISE)
+	$(PRETRAIN) --out models/qwen2-countdown-chat --family qwen2 --steps STEPS --hidden 64 \
+		--layers 3 --heads 4 --weight-noise 0.3 --noise-multipliers "norm=10,embed=0.5" \
+		--config configs/countdown-chat.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ population and prompt batch), as a ratio to hf / float32 measured in the same re
 settings alternate, so machine noise hits all alike); whether the members' rewards equal
 hf / float32's in the same iterations; the held-out score of the unperturbed base.
 Usage: python benchmarks/decode.py [--config configs/default.yaml] [--repeats 3]
+       [--set key=value ...] (e.g. model.path=models/llama3-tiny-chat)
 """
 
 from __future__ import annotations
@@ -53,10 +54,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], help="config override key=value")
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: trainer_for(args.config, o, Path(tmp)) for name, o in SETTINGS.items()}
+        trainers = {
+            name: trainer_for(args.config, args.set + o, Path(tmp)) for name, o in SETTINGS.items()
+        }
         base = {  # the unperturbed base model under each setting, before any update
             name: heldout_score(t.evaluator, t.task.test, Comm.serial(), t.cfg.task.eval_batch)
             for name, t in trainers.items()
@@ -73,7 +77,7 @@ def main() -> None:
         reference = "hf float32"
         cfg = trainers[reference].cfg
         print(
-            f"decoders ({args.config.name}: N={cfg.es.population}, "
+            f"decoders ({args.config.name} {' '.join(args.set)}: N={cfg.es.population}, "
             f"{cfg.task.prompts_per_member} prompts, 1 rank, {args.repeats} iterations after "
             f"a warm-up), step time as a ratio to {reference}:"
         )

@@ -1,5 +1,8 @@
 """Countdown reward on hand-written completions, and the safe evaluator on hostile input."""
 
+import json
+import random
+import re
 import time
 from pathlib import Path
 
@@ -8,7 +11,14 @@ import pytest
 from es_mpi.config import ConfigError
 from es_mpi.config_load import load_config
 from es_mpi.tasks import make_task
-from es_mpi.tasks.countdown import countdown_reward, generate_problems, generated_split, problem_key
+from es_mpi.tasks.countdown import (
+    countdown_reward,
+    full_format,
+    generate_problems,
+    generated_split,
+    last_answer,
+    problem_key,
+)
 from es_mpi.tasks.safe_arith import evaluate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "countdown.json"
@@ -31,7 +41,7 @@ GOOD = "<think>add them</think>\n<answer>(44 + 19) + 35</answer>"
         ("<think>x</think>\n<answer>9**9**9</answer>", 0.1),
         ("<think>x</think>\n<answer>1/0</answer>", 0.1),
         ("<think>x</think>\n<answer>((44+19)+35</answer>", 0.1),  # unbalanced
-        ("<think>x</think>\n<answer>" + "9" * 10_000 + "</answer>", 0.0),  # overlong: 0
+        ("<think>x</think>\n<answer>" + "9" * 10_000 + "</answer>", 0.1),  # overlong answer
         ("<think>x</think>\n<answer>__import__('os')</answer>", 0.1),
         ("<answer>1+1</answer><answer>35+19+44</answer>", 0.05 + 1.0),  # the last answer counts
     ],
@@ -195,3 +205,116 @@ def test_closeness_credit_grows_as_the_answer_nears_the_target():
     assert near("(44+35)*19/19") == pytest.approx(0.1)  # numbers reused: no credit
     assert near("44+19+36") == pytest.approx(0.1)  # wrong numbers, ungraded: no credit
     assert near("44+19+36", graded=True) == pytest.approx(0.1 + 0.3 * 2 / 3 * (1 - 1 / 98))
+
+
+REASONING = "Let me try 44 + 19 = 63, then 63 + 35 = 98. " * 120  # 5,280 characters
+
+
+def test_a_right_answer_after_long_reasoning_scores_what_the_paper_gives():
+    """max_new_tokens 1024 of a real tokenizer writes thousands of characters: a right
+    answer after them is worth 1.1, as in the paper (no cap on the completion's length)."""
+    assert len(REASONING) > 5000
+    completion = REASONING + "</think>\n<answer>(44 + 19) + 35</answer>"
+    assert countdown_reward(completion, NUMS, TARGET, prefix="<think>") == pytest.approx(1.1)
+    assert countdown_reward("<think>" + completion, NUMS, TARGET) == pytest.approx(1.1)
+    wrong = REASONING + "</think>\n<answer>44 + 19 - 35</answer>"
+    assert countdown_reward(wrong, NUMS, TARGET, prefix="<think>") == pytest.approx(0.1)
+
+
+HOSTILE_COMPLETIONS = [
+    "<answer>" * 20_000,
+    "</think>\n<answer>" * 10_000,
+    "<think>" + "</think>\n<answer>" * 10_000 + "</answer>x",
+    "<answer>" * 10_000 + "</answer>" * 10_000,
+    "<think>" * 10_000 + "</think>" * 10_000,
+    REASONING * 20 + "<answer>" + "(" * 100_000 + "</answer>",
+    "<answer>99**99**99</answer>" * 5_000,
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_COMPLETIONS, ids=range(len(HOSTILE_COMPLETIONS)))
+def test_hostile_long_completions_cost_under_10_ms(hostile):
+    """Linear-time format and answer checks: no regex rescans the tail per unclosed tag."""
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        countdown_reward(hostile, NUMS, TARGET, prefix="<think>")
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 0.01
+
+
+PAPER_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
+PAPER_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def test_linear_checks_agree_with_the_papers_regexes():
+    pieces = ["<think>", "</think>", "\n", "<answer>", "</answer>", "1+2", "x", " "]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 9)))
+        assert full_format(text) == bool(PAPER_FORMAT.match(text)), repr(text)
+        found = PAPER_ANSWER.findall(text)
+        assert last_answer(text) == (found[-1] if found else None), repr(text)
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason="shared Countdown data not present")
+def test_paper_template_rebuilds_every_records_context_word_for_word():
+    records = json.loads(DATA.read_text())
+    cfg = load_config(
+        None,
+        [
+            "task.name=countdown",
+            f"task.countdown.data_path={DATA}",
+            "task.train_size=200",
+            "task.test_size=2000",
+            "task.countdown.template=paper",
+        ],
+    )
+    task = make_task(cfg.task)
+    for example, record in zip(task.train + task.test, records, strict=True):
+        assert example.prompt == record["context"]
+
+
+def test_paper_template_on_generated_problems_and_context_needs_data():
+    cfg = load_config(None, ["task.name=countdown", "task.countdown.template=paper"])
+    example = make_task(cfg.task).train[0]
+    assert example.prompt.startswith("You are a helpful assistant.")
+    assert example.prompt.endswith("Let me solve this step by step.\n<think>")
+    assert re.search(
+        r"Using the numbers \[[ \d]+\], create an equation that equals \d+\.", example.prompt
+    )
+    chat = load_config(
+        None,
+        ["task.name=countdown", "task.countdown.template=paper", "task.chat.enabled=true"],
+    )
+    user = make_task(chat.task).train[0].prompt
+    assert user.startswith("Using the numbers [") and user.endswith("</answer>.")
+    with pytest.raises(ConfigError, match="task.countdown.template.*data_path"):
+        load_config(None, ["task.name=countdown", "task.countdown.template={context}"])
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("not json", "is not readable JSON"),
+        ('{"numbers": [1]}', "non-empty JSON list"),
+        ("[]", "non-empty JSON list"),
+        ('[{"numbers": [1, 2], "target": "3"}, {"target": "3"}]', "record 1 lacks"),
+        ('[{"numbers": "1 2", "target": "3"}]', "record 0 has 'numbers'"),
+        ('[{"numbers": [1, 2], "target": "three"}]', "record 0 has a 'target'"),
+    ],
+)
+def test_bad_data_files_name_the_field_the_file_and_the_record(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    cfg = load_config(
+        None,
+        [
+            "task.name=countdown",
+            f"task.countdown.data_path={path}",
+            "task.train_size=32",
+            "task.test_size=0",
+        ],
+    )
+    with pytest.raises(ConfigError, match=f"task.countdown.data_path.*bad.json.*{problem}"):
+        make_task(cfg.task)

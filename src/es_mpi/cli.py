@@ -103,9 +103,23 @@ def _parser() -> argparse.ArgumentParser:
         "--noise-multipliers", default="", help="per-tensor factors on --weight-noise (regex=f,...)"
     )
     pt.add_argument("--config", default="configs/default.yaml", help="task settings")
+    pt.add_argument(
+        "--family",
+        choices=("char", "qwen2", "llama3", "gemma3"),
+        default="char",
+        help="char: the character-level Llama; else a chat fixture (BPE, chat template)",
+    )
 
-    m = sub.add_parser("init-model", help="build the tiny random Llama + char tokenizer")
+    m = sub.add_parser(
+        "init-model", help="build a tiny random model: char Llama, or a chat fixture"
+    )
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument(
+        "--family",
+        choices=("char", "qwen2", "llama3", "gemma3"),
+        default="char",
+        help="char: Llama + char tokenizer; qwen2/llama3/gemma3: chat fixture (its own sizes)",
+    )
     m.add_argument("--hidden", type=int, default=128)
     m.add_argument("--layers", type=int, default=4)
     m.add_argument("--heads", type=int, default=4)
@@ -207,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     from .runlog import Interrupted, ReplayMismatch, RunLogError
 
     if args.command == "init-model":
-        from .tiny_model import build_tiny_llama
+        if args.family == "char":
+            from .tiny_model import build_tiny_llama
 
-        out = build_tiny_llama(args.out, args.hidden, args.layers, args.heads, args.seed)
+            out = build_tiny_llama(args.out, args.hidden, args.layers, args.heads, args.seed)
+        else:
+            from .chat_fixtures import build_fixture
+
+            out = build_fixture(args.family, args.out, args.seed)
         print(f"tiny model written to {out}")
         return 0
     if args.command == "pretrain":

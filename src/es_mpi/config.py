@@ -28,7 +28,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 NONFINITE_POLICIES = ("fail", "worst")
 LOWRANK_VECTORS = ("frozen", "full")
 DEVICES = ("auto", "cpu", "cuda")
-DECODERS = ("hf", "fast")
+DECODERS = ("auto", "hf", "fast")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -229,10 +229,29 @@ class MultiplicationConfig:
     """Digits of the second factor."""
     template: str = "{a}*{b}="
     """Prompt template with {a} and {b}."""
+    answer_pattern: str = ""
+    """Regular expression whose first group is the answer (the last match counts, e.g.
+    '<(\\d+)>'); empty: the whole stripped completion must be the product."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.digits_a <= 9, "task.multiplication.digits_a", "must be in 1..9")
         _require(1 <= self.digits_b <= 9, "task.multiplication.digits_b", "must be in 1..9")
+        for key in ("a", "b"):
+            _require(
+                "{" + key + "}" in self.template,
+                "task.multiplication.template",
+                f"must contain {{{key}}}",
+            )
+        if self.answer_pattern:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as exc:
+                raise ConfigError(
+                    f"config field 'task.multiplication.answer_pattern': {exc}"
+                ) from exc
+            _require(
+                groups >= 1, "task.multiplication.answer_pattern", "needs a (group) for the answer"
+            )
 
 
 @dataclass
@@ -252,7 +271,9 @@ class CountdownConfig:
     """Generated problems: numbers are drawn from 1..number_max."""
     template: str = "{numbers}={target}<think>"
     """Prompt template with {numbers} (space-separated), {target} and {context} (the
-    record's own prompt). Use '{context}' for the paper's prompt."""
+    record's own prompt, data_path records only), or 'paper': the prompt of Qiu et al. built
+    from the numbers and target (the records' context, word for word; with task.chat.enabled
+    its user part only, the system and assistant parts then come from task.chat)."""
     partial_credit: float = 0.0
     """Answer reward for an expression that uses exactly the given numbers but misses the
     target (0: the paper's reward). Held-out accuracy counts right answers only."""
@@ -274,6 +295,17 @@ class CountdownConfig:
         _require(self.number_max >= 1, "task.countdown.number_max", "must be >= 1")
         _require(self.heldout_start >= 0, "task.countdown.heldout_start", "must be >= 0")
         _require(0 <= self.partial_credit < 1, "task.countdown.partial_credit", "must be in [0, 1)")
+        _require(
+            self.template == "paper" or "{" in self.template,
+            "task.countdown.template",
+            "must be 'paper' or a format string with {numbers}, {target} or {context}",
+        )
+        _require(
+            "{context}" not in self.template or bool(self.data_path),
+            "task.countdown.template",
+            "{context} is the record's own prompt: it needs task.countdown.data_path "
+            "(generated problems have none; use 'paper' for the paper's prompt)",
+        )
 
 
 @dataclass
@@ -281,6 +313,23 @@ class ConcisenessConfig:
     data_path: str = ""
     """JSON list of {"question", "answers"}; empty: questions from generated Countdown
     problems (task.countdown.*), answers their reference solutions."""
+
+
+@dataclass
+class ChatConfig:
+    enabled: bool = False
+    """Build every prompt with the tokenizer's chat template (a system message if
+    task.chat.system is set, the task's prompt as the user message, the generation prompt),
+    then append task.chat.assistant_prefix. False: the task's prompt is fed as raw text."""
+    system: str = ""
+    """System message (empty: none; templates without a system role fold it as they do)."""
+    assistant_prefix: str = ""
+    """Text the assistant's turn starts with, after the generation prompt (e.g. the paper's
+    'Let me solve this step by step.\\n<think>'); it is part of the prompt, not scored,
+    except that an opening <think> at its end counts for Countdown's format reward."""
+    template_file: str = ""
+    """A Jinja chat template file that replaces the tokenizer's own (empty: the tokenizer's
+    chat_template, from tokenizer_config.json or chat_template.jinja)."""
 
 
 @dataclass
@@ -306,6 +355,7 @@ class TaskConfig:
     multiplication: MultiplicationConfig = field(default_factory=MultiplicationConfig)
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
     conciseness: ConcisenessConfig = field(default_factory=ConcisenessConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "task.name", "must not be empty")
@@ -342,11 +392,13 @@ class RuntimeConfig:
     tensorboard: bool = False
     """Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the optional
     tensorboard package; the run log is always written)."""
-    decoder: str = "hf"
-    """Greedy decoding: hf (transformers' generate, any causal LM) or fast (es_mpi.decode:
-    Llama models, es.mode full, float evaluation copies; preallocated KV cache, fused
-    products; with a bfloat16 copy its matrix products run in bf16). Part of the result:
-    the two agree in the last bits only, so greedy tokens can differ."""
+    decoder: str = "auto"
+    """Greedy decoding: hf (transformers' generate, any causal LM), fast (es_mpi.decode:
+    Llama and Qwen2 architectures, es.mode full, float evaluation copies; preallocated KV
+    cache, fused products; with a bfloat16 copy its matrix products run in bf16) or auto
+    (fast where it supports the model and settings, hf otherwise; decided from the model, so
+    the same on every rank and on resume). Part of the result: fast and hf agree in the last
+    bits only, so greedy tokens can differ."""
 
     def __post_init__(self) -> None:
         _require(self.threads >= 1, "runtime.threads", "must be >= 1")

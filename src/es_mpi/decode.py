@@ -1,4 +1,4 @@
-"""Greedy decoding of a Llama-architecture model without `generate` (runtime.decoder: fast).
+"""Greedy decoding of Llama / Qwen2 models without `generate` (runtime.decoder: fast).
 
 Why: on a CPU, a tiny model's `generate` spends a large share of its time outside the matrix
 products (growing the KV cache by concatenation, per-step bookkeeping, attention kernels
@@ -8,9 +8,9 @@ the residual stream, norms, rotary and attention in float32, and runs the linear
 the weights' dtype (bfloat16 weights use the CPU's bf16 matrix units where it has them).
 
 Its output has `generate`'s layout: prompt + new tokens, pad after each row's end token,
-stopped when every row has ended or after max_new_tokens. It reads the model's parameters
-at each call, so an evaluation copy overwritten in place (a perturbed member) is decoded as
-it is. Positions follow `generate` for left-padded prompts (attention_mask.cumsum - 1).
+stopped when every row has ended (on any of the end ids) or after max_new_tokens. It reads
+the model's parameters at each call, so an evaluation copy overwritten in place (a perturbed
+member) is decoded as it is. Positions follow `generate` for left-padded prompts (attention_mask.cumsum - 1).
 """
 
 from __future__ import annotations
@@ -19,17 +19,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Architectures whose decoder layer is Llama's: pre-norm RMSNorm, rotary q/k, silu gate/up
+# MLP, optional q/k/v biases (Qwen2). Rotary types whose inverse frequencies are fixed at
+# start-up (the model's own rotary module computes them, llama3 scaling included); dynamic
+# types recompute them with the sequence length and are left to generate.
+FAST_MODEL_TYPES = ("llama", "qwen2")
+FAST_ROPE_TYPES = ("default", "linear", "llama3")
+
 
 def fast_decode_problem(model: nn.Module) -> str | None:
     """Why this model cannot use the fast decoder (None when it can)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) != "llama":
-        return f"the fast decoder supports Llama models only (this is {type(model).__name__})"
+    model_type = getattr(cfg, "model_type", None)
+    if cfg is None or model_type not in FAST_MODEL_TYPES:
+        return (
+            f"the fast decoder supports {', '.join(FAST_MODEL_TYPES)} models only "
+            f"(this is {model_type or type(model).__name__})"
+        )
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return f"the fast decoder supports default rotary embeddings only (not {rope['rope_type']})"
+    if rope.get("rope_type", "default") not in FAST_ROPE_TYPES:
+        return f"the fast decoder supports rotary types {FAST_ROPE_TYPES} (not {rope['rope_type']})"
     if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "mlp_bias", False):
         return "the fast decoder supports silu MLPs without biases only"
+    if getattr(cfg, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(cfg, "layer_types", None) or []
+    ):
+        return "the fast decoder supports full attention only (not sliding windows)"
     for module in model.modules():
         if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
             return f"the fast decoder needs plain nn.Linear layers (found {type(module).__name__})"
@@ -124,12 +139,14 @@ def greedy_decode(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int,
+    end_ids: torch.Tensor | int,
     pad_token_id: int,
 ) -> torch.Tensor:
-    """Greedy completions of left-padded prompts, laid out as `generate` returns them."""
+    """Greedy completions of left-padded prompts, laid out as `generate` returns them; a row
+    ends at the first of `end_ids` (one id or a 1-D tensor of ids)."""
     batch, prompt_len = input_ids.shape
     device = input_ids.device
+    end_ids = torch.as_tensor(end_ids, device=device).reshape(-1)
     dec = _Decoder(model, batch, prompt_len + max_new_tokens)
     valid = attention_mask.bool()
     positions = attention_mask.long().cumsum(-1) - 1
@@ -154,7 +171,7 @@ def greedy_decode(
     for t in range(max_new_tokens):
         token = dec.next_tokens(hidden).masked_fill_(ended, pad_token_id)
         new[:, t] = token
-        ended |= token == eos_token_id
+        ended |= torch.isin(token, end_ids)
         if t == max_new_tokens - 1 or bool(ended.all()):
             return torch.cat([input_ids, new[:, : t + 1]], dim=1)
         pos = prompt_len + t

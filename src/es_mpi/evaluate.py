@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .decode import fast_decode_problem, greedy_decode
+from .prompts import Prompter, end_token_ids
 from .tasks import Example, Task
 
 
@@ -32,31 +33,69 @@ class PromptBatch:
         )
 
 
+def resolve_decoder(requested: str, model, lowrank: bool) -> str:
+    """runtime.decoder auto -> fast where es_mpi.decode supports the model (and the weights
+    are read directly, not through low-rank hooks), else hf. A property of the model and the
+    config only, so every rank and every resume decides alike."""
+    if requested != "auto":
+        return requested
+    return "hf" if lowrank or fast_decode_problem(model) else "fast"
+
+
 class Evaluator:
     """Scores the model as it currently is (its evaluation copy) on a prompt batch."""
 
     def __init__(
-        self, model, tokenizer, task: Task, max_new_tokens: int, decoder: str = "hf"
+        self,
+        model,
+        tokenizer,
+        task: Task,
+        max_new_tokens: int,
+        decoder: str = "hf",
+        prompter: Prompter | None = None,
     ) -> None:
-        """decoder: hf (`generate`) or fast (es_mpi.decode, Llama models only)."""
+        """decoder: hf (`generate`) or fast (es_mpi.decode); prompter: raw prompts if None."""
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
+        self.prompter = prompter
         self.device = next(model.parameters()).device
         if decoder == "fast" and (problem := fast_decode_problem(model)):
-            raise ConfigError(f"config field 'runtime.decoder': {problem}; use hf")
+            raise ConfigError(f"config field 'runtime.decoder': {problem}; use hf or auto")
         self.fast = decoder == "fast"
         self.generated_tokens = 0  # running count (metrics: tokens per second)
-        # eos/pad set deliberately: a model's own generation_config may lack or differ in them.
+        # Every end id of the model's generation_config.json and the tokenizer: instruct models
+        # list several (Qwen2.5: <|im_end|>, <|endoftext|>), and a completion that runs past
+        # the first fails a format check anchored at its end.
+        self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+        self._end_ids = torch.tensor(self.end_ids, device=self.device)
+        pad = tokenizer.pad_token_id
         self.generation = GenerationConfig(
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=self.end_ids,
+            pad_token_id=self.end_ids[0] if pad is None else pad,
         )
 
+    @classmethod
+    def for_config(cls, model, tokenizer, task: Task, cfg: Config, model_path: str = ""):
+        """The evaluator a run's config asks for: its prompt format, length and decoder."""
+        decoder = resolve_decoder(cfg.runtime.decoder, model, cfg.es.mode == "lowrank")
+        prompter = Prompter(tokenizer, cfg.task.chat, model_path or cfg.model.path)
+        return cls(model, tokenizer, task, cfg.task.max_new_tokens, decoder, prompter)
+
+    def prompt_texts(self, examples: list[Example]) -> list[str]:
+        if self.prompter is None:
+            return [e.prompt for e in examples]
+        return [self.prompter.render(e) for e in examples]
+
     def encode(self, examples: list[Example]) -> PromptBatch:
-        enc = self.tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True)
+        enc = self.tokenizer(
+            self.prompt_texts(examples),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=self.prompter is None or self.prompter.add_special_tokens,
+        )
         return PromptBatch(
             examples, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         )
@@ -70,8 +109,8 @@ class Evaluator:
                 batch.input_ids,
                 batch.attention_mask,
                 self.generation.max_new_tokens,
-                self.tokenizer.eos_token_id,
-                self.tokenizer.pad_token_id,
+                self._end_ids,
+                self.generation.pad_token_id,
             )
         else:
             out = self.model.generate(
@@ -80,9 +119,10 @@ class Evaluator:
                 generation_config=self.generation,
             )
         new = out[:, batch.input_ids.shape[1] :]
-        ended = (new == self.tokenizer.eos_token_id).long().cumsum(dim=1)
+        is_end = torch.isin(new, self._end_ids)
+        ended = is_end.long().cumsum(dim=1)
         # keep tokens before the first end token, and that end token itself
-        keep = (ended == 0) | ((ended == 1) & (new == self.tokenizer.eos_token_id))
+        keep = (ended == 0) | ((ended == 1) & is_end)
         self.generated_tokens += int(keep.sum())
         return out, keep
 
@@ -92,10 +132,11 @@ class Evaluator:
         return self.decode(out[:, batch.input_ids.shape[1] :], keep)
 
     def decode(self, new_tokens: torch.Tensor, keep: torch.Tensor) -> list[str]:
-        eos = self.tokenizer.eos_token_id
+        """The kept tokens as text, the end token cut (special tokens are not text)."""
+        ends = set(self.end_ids)
         return [
             self.tokenizer.decode(
-                [t for t in row[mask].tolist() if t != eos], skip_special_tokens=True
+                [t for t in row[mask].tolist() if t not in ends], skip_special_tokens=True
             )
             for row, mask in zip(new_tokens, keep, strict=True)
         ]

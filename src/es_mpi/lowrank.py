@@ -6,8 +6,13 @@ E_i has unit variance, like full-parameter noise. E_i is never materialised duri
 evaluation: forward hooks on nn.Linear and nn.Embedding add each member's delta to the rows
 of the batch that belong to it (rows are member-major: member k owns rows k*P .. k*P+P-1),
     Linear:    y = x W^T + c_i (x A_i) B_i^T
-    Embedding: y = W[t] + c_i B_i[t] A_i^T
+    Embedding: y = f(W)[t] + f(c_i B_i A_i^T)[t]
 with c_i = sign_i * sigma * scale(tensor) / sqrt(r). The master weights stay untouched.
+The perturbation lives in weight space whatever the module does with its weight in
+`forward`: an embedding that scales its lookup (Gemma-3 multiplies by sqrt(hidden_size))
+scales the delta alike. f is read off the module itself, by running it on a weight of ones
+(a stride-0 view, no memory), and checked once at start-up to be a per-element factor on
+the lookup; a module that does anything else with its weight is refused.
 1-D tensors (norms, biases) are frozen or perturbed with full noise (es.lowrank_vectors); a
 perturbed 1-D tensor of a module other than a Linear bias is handled by running that module
 once per member on the member's rows with its own vector (torch.func.functional_call).
@@ -95,6 +100,7 @@ class PopulationHooks:
         self._embedding: dict[str, list[nn.Module]] = {}
         self._bias_of: dict[int, str] = {}  # id(Linear) -> name of its bias
         self._in_vector_call = False
+        self._in_probe = False
         name_of = {id(p): name for name, p in model.named_parameters()}
         for module_name, module in model.named_modules():
             own = dict(module.named_parameters(recurse=False))
@@ -105,6 +111,7 @@ class PopulationHooks:
                 if module.bias is not None:
                     self._bias_of[id(module)] = name_of[id(module.bias)]
             elif isinstance(module, nn.Embedding):
+                self._check_lookup_factor(module_name, module)
                 self._hook(
                     module, self._embedding_hook, name_of[id(module.weight)], self._embedding
                 )
@@ -193,14 +200,41 @@ class PopulationHooks:
             out.add_(self._vec[bias].to(output.dtype).unsqueeze(1))
         return output
 
+    def _lookup_factor(self, module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """What `module.forward` multiplies a looked-up row by, per output element: its output
+        for a weight of ones. 1 for a plain nn.Embedding (not computed)."""
+        if type(module) is nn.Embedding:
+            return torch.ones((), dtype=module.weight.dtype, device=module.weight.device)
+        ones = torch.ones((1, 1), dtype=module.weight.dtype, device=module.weight.device)
+        self._in_probe = True  # functional_call runs this module's hooks again
+        try:
+            return functional_call(module, {"weight": ones.expand_as(module.weight)}, (ids,))
+        finally:
+            self._in_probe = False
+
+    @torch.no_grad()
+    def _check_lookup_factor(self, module_name: str, module: nn.Embedding) -> None:
+        """Refuse an embedding whose forward is not lookup x factor (the delta could not be
+        applied in weight space from its output alone)."""
+        if type(module) is nn.Embedding:
+            return
+        ids = torch.arange(min(4, module.num_embeddings), device=module.weight.device)[None]
+        expected = self._lookup_factor(module, ids) * module.weight[ids]
+        if not torch.allclose(module(ids), expected, rtol=1e-3, atol=1e-6):
+            raise TypeError(
+                f"es.mode lowrank: embedding '{module_name}' ({type(module).__name__}) does more "
+                "in forward than scale its looked-up rows; its perturbation cannot be applied "
+                "in weight space (use es.mode full)"
+            )
+
     def _embedding_hook(self, name: str, module: nn.Embedding, args, output: torch.Tensor):
-        if not self.members or name not in self._a:
+        if not self.members or name not in self._a or self._in_probe:
             return None
         ids = args[0].reshape(self.members, -1)  # [M, P*L]
         member = torch.arange(self.members, device=ids.device).unsqueeze(1)
         b_rows = self._b[name][member, ids]  # [M, P*L, r]
         delta = torch.bmm(b_rows, self._a[name].transpose(1, 2))  # [M, P*L, n]
-        return output + delta.reshape(output.shape)
+        return output + delta.reshape(output.shape) * self._lookup_factor(module, args[0])
 
     def _vector_hook(self, vectors: dict[str, str]):
         """Run the module once per member with its own perturbed 1-D parameters."""

@@ -24,14 +24,41 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_model_dir(path: str | Path) -> Path:
+    """The model directory, checked file by file before any rank loads it: every problem is
+    a ConfigError naming model.path and the file (exit 2, no traceback)."""
+    field = "config field 'model.path'"
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"config field 'model.path': '{path}' is not a directory")
+        raise ConfigError(f"{field}: '{path}' is not a directory")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"config field 'model.path': '{path}' has no config.json")
+        raise ConfigError(f"{field}: '{path}' has no config.json")
     if not sorted(path.glob("*.safetensors")):
-        raise ConfigError(f"config field 'model.path': '{path}' has no *.safetensors weights")
+        raise ConfigError(f"{field}: '{path}' has no *.safetensors weights")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"{field}: '{file}' is not valid JSON ({exc})") from exc
+    try:
+        model_class(path)
+    except (KeyError, ValueError, OSError) as exc:
+        raise ConfigError(
+            f"{field}: '{path / 'config.json'}' is not a causal LM transformers knows ({exc})"
+        ) from exc
     return path
+
+
+def check_tokenizer(path: str | Path):
+    """The model directory's tokenizer, or a ConfigError naming the directory."""
+    try:
+        return load_tokenizer(path)
+    except Exception as exc:  # tokenizers/transformers raise many types on a bad file
+        raise ConfigError(
+            f"config field 'model.path': cannot load a tokenizer from '{path}' "
+            f"(tokenizer.json / tokenizer_config.json): {exc}"
+        ) from exc
 
 
 def model_sha256(path: str | Path) -> str:

@@ -1,4 +1,8 @@
-"""Supervised pretraining of the shipped tiny base model on generated Countdown problems.
+"""Supervised pretraining of the shipped tiny base models on generated Countdown problems.
+
+The base is the character-level Llama (family char) or a chat fixture (qwen2, llama3, gemma3:
+BPE tokenizer, chat template); prompts are rendered as the config's task section says (raw, or
+through the chat template), and each completion ends with the model's first end id.
 
 Deterministic from its seed (fixed steps, threads and batch shapes). Stopped early on purpose:
 the base should solve some problems but leave ES room to improve.
@@ -18,6 +22,7 @@ from .config import Config, multiplier_for, parse_scale_multipliers
 from .config_load import load_config
 from .engine import set_threads
 from .evaluate import Evaluator, heldout_score
+from .prompts import Prompter, end_token_ids
 from .tasks.countdown import TINY_ANSWER_FORMAT, CountdownTask, generate_problems, problem_key
 from .tiny_model import tiny_llama
 
@@ -43,14 +48,43 @@ class PretrainArgs:
     noise_multipliers: str = ""
     """Per-tensor factors on weight_noise, as 'regex=factor,...' (es.scale_multipliers'
     syntax, first match applies): pretraining under the noise ES will apply."""
+    family: str = "char"
+    """char: the character-level Llama; qwen2, llama3, gemma3: a chat fixture
+    (es_mpi.chat_fixtures) with its BPE tokenizer (tag_tokens does not apply)."""
 
 
-def _batch_tensors(tokenizer, prompts: list[str], completions: list[str]):
-    """Right-padded ids with labels on the completion (and its end token) only."""
+def base_model(args: PretrainArgs):
+    """The randomly initialised (model, tokenizer) pretraining starts from."""
+    if args.family == "char":
+        return tiny_llama(args.hidden, args.layers, args.heads, args.seed, args.tag_tokens)
+    from .chat_fixtures import fixture
+
+    return fixture(args.family, args.seed, args.hidden, args.layers, heads=args.heads)
+
+
+# What a chat fixture writes after its end-of-turn token: the start of another turn, as a
+# chat model that nobody stops goes on (so stopping on the wrong end id shows in the text).
+AFTER_END_OF_TURN = "\nUsing the numbers"
+
+
+def _batch_tensors(
+    tokenizer,
+    prompts: list[str],
+    completions: list[str],
+    end_id: int,
+    special: bool = False,
+    after_end: str = "",
+):
+    """Right-padded ids with labels on the completion, its end token and `after_end` only;
+    `special`: the tokenizer adds its special tokens to the prompt (raw prompts; chat text
+    has them)."""
     rows, labels = [], []
+    tail = [end_id] + (
+        tokenizer(after_end, add_special_tokens=False).input_ids if after_end else []
+    )
     for prompt, completion in zip(prompts, completions, strict=True):
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        p = tokenizer(prompt, add_special_tokens=special).input_ids
+        c = tokenizer(completion, add_special_tokens=False).input_ids + tail
         rows.append(p + c)
         labels.append([-100] * len(p) + c)
     width = max(len(r) for r in rows)
@@ -98,7 +132,9 @@ def pretrain(args: PretrainArgs) -> dict:
         )
         if problem_key(p) not in task.heldout_keys
     ][: args.steps * args.batch]
-    model, tokenizer = tiny_llama(args.hidden, args.layers, args.heads, args.seed, args.tag_tokens)
+    model, tokenizer = base_model(args)
+    prompter = Prompter(tokenizer, cfg.task.chat, f"pretrain --family {args.family}")
+    end_id = end_token_ids(tokenizer, model.generation_config)[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 100) * max(0.0, 1 - s / args.steps)
@@ -110,8 +146,11 @@ def pretrain(args: PretrainArgs) -> dict:
         chunk = problems[step * args.batch : (step + 1) * args.batch]
         ids, mask, labels = _batch_tensors(
             tokenizer,
-            [task.example(p).prompt for p in chunk],
+            [prompter.render(task.example(p)) for p in chunk],
             [TINY_ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
+            end_id,
+            prompter.add_special_tokens and args.family != "char",
+            "" if args.family == "char" else AFTER_END_OF_TURN,
         )
         clean = _perturb(model, args.weight_noise, generator, multipliers)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -129,7 +168,7 @@ def pretrain(args: PretrainArgs) -> dict:
             )
     model.eval()
     tokenizer.padding_side = "left"
-    evaluator = Evaluator(model, tokenizer, task, cfg.task.max_new_tokens)
+    evaluator = Evaluator(model, tokenizer, task, cfg.task.max_new_tokens, "hf", prompter)
     score = heldout_score(evaluator, task.test, Comm.serial(), cfg.task.eval_batch)
     out = Path(args.out)
     model.save_pretrained(str(out), safe_serialization=True)

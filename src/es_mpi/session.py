@@ -23,8 +23,9 @@ from .config import Config, ConfigError, multiplier_for, parse_scale_multipliers
 from .config_load import apply_resume_overrides, config_from_dict
 from .engine import Engine
 from .evaluate import Evaluator, HeldoutScore, heldout_score
-from .modelio import check_model_dir, model_sha256, save_hf_dir
+from .modelio import check_model_dir, check_tokenizer, model_sha256, save_hf_dir
 from .perturb import MasterWeights, per_tensor_std, weights_checksum
+from .prompts import Prompter
 from .runlog import LOG_NAME, LogData, ReplayMismatch, RunLog, RunLogError
 from .strategy import Population
 from .tasks import make_task
@@ -56,11 +57,20 @@ def check_optional_packages(cfg: Config) -> None:
             ) from exc
 
 
+def check_inputs(cfg: Config) -> Path:
+    """Every file the config points to (model, tokenizer, chat template, task data), checked
+    before any rank loads anything: a bad one is a ConfigError naming the field and file."""
+    model_dir = check_model_dir(cfg.model.path)
+    tokenizer = check_tokenizer(model_dir)
+    Prompter(tokenizer, cfg.task.chat, str(model_dir))
+    make_task(cfg.task)  # a bad task name or data file fails here
+    return model_dir
+
+
 def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> MasterWeights:
     def prepare() -> None:
         check_optional_packages(cfg)
-        model_dir = check_model_dir(cfg.model.path)
-        make_task(cfg.task)  # a bad task name fails here, before the run dir is touched
+        model_dir = check_inputs(cfg)  # before the run dir is touched
         if run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
                 raise ConfigError(
@@ -90,16 +100,10 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
 def evaluate_model(cfg: Config, comm: Comm) -> HeldoutScore:
     """Held-out score of the model at cfg.model.path on cfg.task (no training)."""
 
-    def check() -> None:
-        check_model_dir(cfg.model.path)
-        make_task(cfg.task)
-
-    checked_on_main(comm, check)
+    checked_on_main(comm, lambda: check_inputs(cfg))
     task = make_task(cfg.task)
     engine = Engine.load(cfg, comm)
-    evaluator = Evaluator(
-        engine.model, engine.tokenizer, task, cfg.task.max_new_tokens, cfg.runtime.decoder
-    )
+    evaluator = Evaluator.for_config(engine.model, engine.tokenizer, task, cfg, engine.model_path)
     return heldout_score(evaluator, task.test, comm, cfg.task.eval_batch)
 
 

@@ -80,12 +80,8 @@ class Trainer:
         self.stop_signal: str | None = None  # name of a stop signal received
         # A frozen copy of the base model, for tasks that report KL from it (conciseness).
         self.base_model = engine.load_base_copy() if getattr(task, "report_kl", False) else None
-        self.evaluator = Evaluator(
-            engine.model,
-            engine.tokenizer,
-            task,
-            self.cfg.task.max_new_tokens,
-            self.cfg.runtime.decoder,
+        self.evaluator = Evaluator.for_config(
+            engine.model, engine.tokenizer, task, self.cfg, engine.model_path
         )
         # es.mode lowrank: members are evaluated through hooks, never materialised
         lowrank = self.weights.lowrank

@@ -5,15 +5,16 @@ Reward as in the paper: 0.1 * format + answer. Format is 1.0 for
 block. Answer is 1.0 when the last `<answer>` uses exactly the given numbers (each once) and
 evaluates to the target within 1e-5, by the safe evaluator (never eval()).
 
-Only the completion is scored (DESIGN.md, defect 5). A prompt template that ends with the
-opening `<think>` (as the paper's does) has that tag counted as the completion's first token,
-since the model cannot write it itself; nothing else of the prompt is seen by the scorer.
+Only the completion is scored (DESIGN.md, defect 5). A prompt that ends with the opening
+`<think>` (as the paper's does, or a chat prompt whose task.chat.assistant_prefix does) has that
+tag counted as the completion's first token, since the model cannot write it itself; nothing
+else of the prompt is seen by the scorer. Completions of any length are scored: the safety
+limits sit on the answer expression (safe_arith), and every check here is linear in the text.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -26,13 +27,53 @@ from .safe_arith import evaluate
 THINK_OPEN = "<think>"
 # The completion the shipped tiny model is pretrained to write after "{numbers}={target}<think>".
 TINY_ANSWER_FORMAT = "</think>\n<answer>{solution}</answer>"
-_FULL_FORMAT = re.compile(r"^<think>.*?</think>\n<answer>.*?</answer>$", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-MAX_COMPLETION_CHARS = 4096
+# The paper's prompt (its records' `context`, word for word): system part, user part with the
+# numbers printed as numpy prints an integer array, and the assistant's opening.
+PAPER_SYSTEM = (
+    "You are a helpful assistant. You first think about the reasoning process in your mind "
+    "and then provide the user with the answer."
+)
+PAPER_USER = (
+    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic "
+    "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work "
+    "in <think> </think> tags. And return the final answer in <answer> </answer> tags, for "
+    "example <answer> (1 + 2) / 3 </answer>."
+)
+PAPER_ASSISTANT_PREFIX = "Let me solve this step by step.\n<think>"
+
+
+def paper_numbers(numbers: list[int]) -> str:
+    """[44 19 35], right-aligned to the widest number as numpy prints it: '[ 2 54 17]'."""
+    width = max((len(str(n)) for n in numbers), default=0)
+    return "[" + " ".join(str(n).rjust(width) for n in numbers) + "]"
+
+
+def full_format(text: str) -> bool:
+    """text is '<think>' ... '</think>\n<answer>' ... '</answer>' (the paper's regex
+    ^<think>.*?</think>\n<answer>.*?</answer>$ with DOTALL), decided in linear time."""
+    middle = "</think>\n<answer>"
+    text = text[:-1] if text.endswith("\n") else text  # the regex's $ allows one final newline
+    if not (text.startswith("<think>") and text.endswith("</answer>")):
+        return False
+    at = text.find(middle, len("<think>"))
+    return at != -1 and at + len(middle) <= len(text) - len("</answer>")
+
+
+def last_answer(text: str) -> str | None:
+    """The last match of the paper's <answer>(.*?)</answer> (non-overlapping, left to right,
+    as re.findall), found with str.find in one pass instead of a regex that rescans the tail
+    for every unclosed <answer>."""
+    found, pos = None, 0
+    while (start := text.find("<answer>", pos)) != -1:
+        end = text.find("</answer>", start + len("<answer>"))
+        if end == -1:
+            break
+        found, pos = text[start + len("<answer>") : end], end + len("</answer>")
+    return found
 
 
 def format_score(text: str) -> float:
-    if _FULL_FORMAT.match(text):
+    if full_format(text):
         return 1.0
     score = 0.0
     if "<think>" in text and "</think>" in text:
@@ -67,10 +108,10 @@ def answer_score(
     misses the target (0 in the paper's reward); with `graded`, partial x number_overlap for
     any parseable answer that is not right; with `near`, the partial credit is also
     multiplied by closeness(value, target)."""
-    answers = _ANSWER.findall(text)
-    if not answers:
+    answer = last_answer(text)
+    if answer is None:
         return 0.0
-    result = evaluate(answers[-1])
+    result = evaluate(answer)
     if result is None:
         return 0.0
     value, used = result
@@ -90,10 +131,7 @@ def countdown_reward(
     graded: bool = False,
     near: bool = False,
 ) -> float:
-    """0.1 * format + answer on prefix + completion (prefix: an opening tag ending the prompt).
-    Completions over MAX_COMPLETION_CHARS score 0 without being parsed."""
-    if len(completion) > MAX_COMPLETION_CHARS:
-        return 0.0
+    """0.1 * format + answer on prefix + completion (prefix: an opening tag ending the prompt)."""
     text = prefix + completion
     return 0.1 * format_score(text) + answer_score(text, numbers, target, partial, graded, near)
 
@@ -160,16 +198,44 @@ def generated_split(cfg: TaskConfig) -> tuple[list[dict], list[dict]]:
     )
 
 
+def _record_problem(record: object) -> str | None:
+    """What is wrong with one record (None: usable)."""
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not an object"
+    if not {"numbers", "target"} <= record.keys():
+        return "lacks 'numbers' or 'target'"
+    numbers = record["numbers"]
+    if (
+        not isinstance(numbers, list)
+        or not numbers
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)
+    ):
+        return "has 'numbers' that are not a non-empty list of integers"
+    try:
+        float(record["target"])
+    except (TypeError, ValueError):
+        return f"has a 'target' that is not a number ({record['target']!r})"
+    if "context" in record and not isinstance(record["context"], str):
+        return "has a 'context' that is not a string"
+    return None
+
+
 def load_problems(path: str | Path) -> list[dict]:
+    """Records in the paper's format; any file problem is a ConfigError naming the field,
+    the file and (for a bad record) its index."""
+    field = "config field 'task.countdown.data_path'"
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config field 'task.countdown.data_path': no file '{path}'")
-    records = json.loads(path.read_text())
-    for r in records[:1]:
-        if not {"numbers", "target"} <= r.keys():
-            raise ConfigError(
-                f"config field 'task.countdown.data_path': '{path}' lacks numbers/target"
-            )
+        raise ConfigError(f"{field}: no file '{path}'")
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{field}: '{path}' is not readable JSON ({exc})") from exc
+    if not isinstance(records, list) or not records:
+        raise ConfigError(f"{field}: '{path}' must hold a non-empty JSON list of records")
+    for i, record in enumerate(records):
+        if problem := _record_problem(record):
+            raise ConfigError(f"{field}: '{path}' record {i} {problem}")
     return records
 
 
@@ -181,6 +247,9 @@ class CountdownTask:
     def __init__(self, cfg: TaskConfig) -> None:
         c = cfg.countdown
         self.template = c.template
+        # chat prompts end with task.chat.assistant_prefix, raw ones with the prompt itself
+        self.chat_opens_think = cfg.chat.enabled and cfg.chat.assistant_prefix.endswith(THINK_OPEN)
+        self.chat = cfg.chat.enabled
         self.partial = c.partial_credit
         self.graded = c.partial_credit_per_number
         self.near = c.partial_credit_closeness
@@ -201,16 +270,20 @@ class CountdownTask:
 
     def example(self, record: dict) -> Example:
         numbers = [int(n) for n in record["numbers"]]
-        prompt = self.template.format(
-            numbers=" ".join(map(str, numbers)),
-            target=record["target"],
-            context=record.get("context", ""),
-        )
+        target = str(record["target"])
+        if self.template == "paper":
+            user = PAPER_USER.format(numbers=paper_numbers(numbers), target=target)
+            prompt = user if self.chat else PAPER_SYSTEM + user + PAPER_ASSISTANT_PREFIX
+        else:
+            prompt = self.template.format(
+                numbers=" ".join(map(str, numbers)), target=target, context=record.get("context")
+            )
         return Example(prompt, (numbers, float(record["target"]), record.get("solution") or ""))
 
     def score(self, completion: str, example: Example) -> float:
         numbers, target, _ = example.answer
-        prefix = THINK_OPEN if example.prompt.endswith(THINK_OPEN) else ""
+        opens = self.chat_opens_think if self.chat else example.prompt.endswith(THINK_OPEN)
+        prefix = THINK_OPEN if opens else ""
         return countdown_reward(
             completion, numbers, target, prefix, self.partial, self.graded, self.near
         )

@@ -1,6 +1,13 @@
-"""Multiplication (the Gemma replication): 'a*b=' -> the exact product, reward 1 or 0."""
+"""Multiplication (the Gemma replication): 'a*b=' -> the exact product, reward 1 or 0.
+
+With task.multiplication.answer_pattern the answer is the first group of the pattern's last
+match in the completion (the replication extracts '<(\\d+)>' from a chat answer); without it
+the whole stripped completion must be the product.
+"""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -18,6 +25,7 @@ class MultiplicationTask:
 
     def __init__(self, cfg: TaskConfig) -> None:
         m = cfg.multiplication
+        self.pattern = re.compile(m.answer_pattern) if m.answer_pattern else None
         rng = np.random.default_rng(cfg.data_seed)
 
         def draw(count: int) -> list[Example]:
@@ -33,5 +41,13 @@ class MultiplicationTask:
             examples[: cfg.train_size], self.test, draw, cfg.train_size
         )
 
+    def answer(self, completion: str) -> str | None:
+        if self.pattern is None:
+            return completion.strip()
+        last = None
+        for last in self.pattern.finditer(completion):  # noqa: B007 (the last one counts)
+            pass
+        return None if last is None else last.group(1)
+
     def score(self, completion: str, example: Example) -> float:
-        return 1.0 if completion.strip() == example.answer else 0.0
+        return 1.0 if self.answer(completion) == example.answer else 0.0
