@@ -82,7 +82,7 @@ pretrain-model: install
 	$(PRETRAIN) --out models/tiny-countdown-esnoise --steps 250 $(ESNOISE)
 	$(PRETRAIN) --out models/tiny-countdown-h64 --steps 700 --hidden 64 --layers 3 --heads 2 \
 		$(ESNOISE)
-	$(PRETRAIN) --out models/qwen2-countdown-chat --family qwen2 --steps STEPS --hidden 64 \
+	$(PRETRAIN) --out models/qwen2-countdown-chat --family qwen2 --steps 1000 --hidden 64 \
 		--layers 3 --heads 4 --weight-noise 0.3 --noise-multipliers "norm=10,embed=0.5" \
 		--config configs/countdown-chat.yaml
 

@@ -1,5 +1,7 @@
 """Every configs/paper/*.yaml for 2 iterations on each chat fixture, under mpiexec -n 1 and
--n 2 (`make bench-paper`): exit code, seconds, and whether the final weights are equal.
+-n 2 (`make bench-paper`): exit code, seconds, whether the final weights are equal and whether
+they moved from the base (a random fixture scores 0 on Countdown and multiplication, and equal
+rewards make no update; the pretrained Qwen2 fixture does score).
 
 Small --set values keep each run to seconds on a CPU; everything else (prompt format, chat
 template, end ids, dtype, decoder choice, task) is the paper config's own. The paper's
@@ -23,12 +25,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 from es_mpi.perturb import weights_checksum  # noqa: E402
 
-FIXTURES = ["qwen2-tiny-chat", "llama3-tiny-chat", "gemma3-tiny-chat"]
+FIXTURES = ["qwen2-tiny-chat", "llama3-tiny-chat", "gemma3-tiny-chat", "qwen2-countdown-chat"]
+MODEL_FILE = "model.safetensors"
 SMALL = [
     "es.population=4",
     "es.iterations=2",
-    "task.prompts_per_member=2",
-    "task.max_new_tokens=12",
+    "task.prompts_per_member=8",
+    "task.max_new_tokens=24",
     "task.train_size=8",
     "task.test_size=4",
     "task.eval_batch=4",
@@ -55,7 +58,7 @@ def train(config: Path, model: str, ranks: int, run_dir: Path) -> tuple[int, flo
     seconds = time.perf_counter() - start
     if result.returncode:
         return result.returncode, seconds, result.stderr.strip().splitlines()[-1]
-    return 0, seconds, weights_checksum(load_file(str(run_dir / "final" / "model.safetensors")))
+    return 0, seconds, weights_checksum(load_file(str(run_dir / "final" / MODEL_FILE)))
 
 
 def main() -> int:
@@ -63,8 +66,8 @@ def main() -> int:
     p.add_argument("--ranks", type=int, default=2)
     args = p.parse_args()
     failures = 0
-    print(f"| config | model | -n 1 s | -n {args.ranks} s | final weights equal |")
-    print("|---|---|---|---|---|")
+    print(f"| config | model | -n 1 s | -n {args.ranks} s | final weights equal | moved |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for config in sorted((ROOT / "configs" / "paper").glob("*.yaml")):
             for model in FIXTURES:
@@ -73,8 +76,11 @@ def main() -> int:
                 ok = one[0] == 0 and many[0] == 0 and one[2] == many[2]
                 failures += not ok
                 detail = "yes" if ok else f"NO ({one[0]}: {one[2]} / {many[0]}: {many[2]})"
+                base = weights_checksum(load_file(str(ROOT / "models" / model / MODEL_FILE)))
+                moved = "yes" if one[2] != base else "no"
                 print(
-                    f"| {config.stem} | {model} | {one[1]:.1f} | {many[1]:.1f} | {detail} |",
+                    f"| {config.stem} | {model} | {one[1]:.1f} | {many[1]:.1f} | {detail} "
+                    f"| {moved} |",
                     flush=True,
                 )
     return 1 if failures else 0

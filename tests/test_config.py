@@ -88,8 +88,19 @@ def test_cli_existing_run_dir_is_not_overwritten(tiny_model_dir, tmp_path):
 
 
 def test_string_fields_keep_text_yaml_would_read_as_a_mapping():
-    cfg = load_config(None, ["task.countdown.template={context}", "task.name=countdown"])
-    assert cfg.task.countdown.template == "{context}"
+    cfg = load_config(None, ["task.countdown.template={numbers}", "task.name=countdown"])
+    assert cfg.task.countdown.template == "{numbers}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "paper").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_paper_configs_load_and_say_which_model_they_are_for(path):
+    """They name the model they were made for (a download, not shipped here)."""
+    cfg = load_config(path)
+    text = path.read_text()
+    assert "Made for" in text and "--set model.path=DIR" in text
+    assert not (ROOT / cfg.model.path).exists()
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -126,19 +126,15 @@ def test_a_problem_space_too_small_for_the_split_is_a_config_error():
         )
 
 
+def paper_data_config(template: str):
+    """The paper's split of its 2,200 problems: first 200 train, last 2,000 test."""
+    sets = [f"task.countdown.data_path={DATA}", "task.train_size=200", "task.test_size=2000"]
+    return load_config(None, ["task.name=countdown", "task.prompts_per_member=8", *sets, template])
+
+
 @pytest.mark.skipif(not DATA.is_file(), reason="shared Countdown data not present")
 def test_reads_the_paper_format():
-    cfg = load_config(
-        None,
-        [
-            "task.name=countdown",
-            f"task.countdown.data_path={DATA}",
-            "task.train_size=200",
-            "task.test_size=2000",
-            "task.prompts_per_member=8",
-            "task.countdown.template={context}",
-        ],
-    )
+    cfg = paper_data_config("task.countdown.template={context}")
     task = make_task(cfg.task)
     assert len(task.train) == 200 and len(task.test) == 2000
     assert task.train[0].prompt.endswith("<think>") and "[44 19 35]" in task.train[0].prompt
@@ -260,16 +256,7 @@ def test_linear_checks_agree_with_the_papers_regexes():
 @pytest.mark.skipif(not DATA.is_file(), reason="shared Countdown data not present")
 def test_paper_template_rebuilds_every_records_context_word_for_word():
     records = json.loads(DATA.read_text())
-    cfg = load_config(
-        None,
-        [
-            "task.name=countdown",
-            f"task.countdown.data_path={DATA}",
-            "task.train_size=200",
-            "task.test_size=2000",
-            "task.countdown.template=paper",
-        ],
-    )
+    cfg = paper_data_config("task.countdown.template=paper")
     task = make_task(cfg.task)
     for example, record in zip(task.train + task.test, records, strict=True):
         assert example.prompt == record["context"]

@@ -104,10 +104,13 @@ def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
 
 def test_unsupported_models_and_settings_are_refused():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20))
-    assert "Llama" in fast_decode_problem(gpt2)
+    assert "llama, qwen2 models only (this is gpt2)" in fast_decode_problem(gpt2)
     small = {"vocab_size": 20, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
     biased = LlamaForCausalLM(LlamaConfig(**small, num_attention_heads=2, mlp_bias=True))
     assert "biases" in fast_decode_problem(biased)
+    dynamic = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    rope = LlamaForCausalLM(LlamaConfig(**small, num_attention_heads=2, rope_parameters=dynamic))
+    assert "not dynamic" in fast_decode_problem(rope)
     _, tokenizer, task = _shipped()
     with pytest.raises(ConfigError, match="'runtime.decoder'"):
         Evaluator(gpt2, tokenizer, task, 4, "fast")

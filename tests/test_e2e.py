@@ -206,3 +206,36 @@ def test_lowrank_batched_invariance_replay_and_resume(tiny_model_dir, tmp_path):
     result = run_cli(["resume", "--run-dir", str(part), "--iterations", "4"], ranks=2)
     assert result.returncode == 0, result.stderr
     assert _final_sha(part) == _final_sha(one)
+
+
+@pytest.mark.parametrize(
+    ("config", "model", "new_tokens"),
+    [
+        ("configs/countdown-chat.yaml", "qwen2-countdown-chat", 24),  # 2 end ids, fast decoder
+        ("configs/paper/conciseness.yaml", "gemma3-tiny-chat", 10),  # chat, hf, bf16 copy
+    ],
+)
+def test_chat_configs_are_rank_count_invariant(tmp_path, config, model, new_tokens):
+    """Chat prompts, multiple end ids and each decoder: 2 ranks give 1 rank's weights (a
+    reward that varies between members, so the weights move)."""
+    sets = [
+        f"model.path=models/{model}",
+        "es.population=4",
+        "es.iterations=2",
+        "task.prompts_per_member=8",
+        f"task.max_new_tokens={new_tokens}",
+        "task.train_size=12",
+        "task.test_size=4",
+        "task.eval_batch=4",
+    ]
+    args = ["train", "--config", config]
+    for item in sets:
+        args += ["--set", item]
+    shas = []
+    for ranks in (1, 2):
+        run_dir = tmp_path / f"run{ranks}"
+        result = run_cli([*args, "--run-dir", str(run_dir)], ranks=ranks)
+        assert result.returncode == 0, result.stderr
+        shas.append(_final_sha(run_dir))
+    assert shas[0] == shas[1]
+    assert shas[0] != weights_checksum(load_file(str(Path("models") / model / "model.safetensors")))

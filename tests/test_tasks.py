@@ -291,3 +291,23 @@ def test_tag_tokens_shorten_completions_and_decode_back():
         tagged("<thin", add_special_tokens=False).input_ids
         == plain("<thin", add_special_tokens=False).input_ids
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{", "is not readable JSON"),
+        ("{}", "non-empty JSON list"),
+        ('[{"question": "q", "answers": ["a"]}, {"question": "q"}]', "record 1 is not"),
+        ('[{"question": "q", "answers": []}]', "record 0 is not"),
+    ],
+)
+def test_bad_conciseness_files_name_the_field_the_file_and_the_record(tmp_path, content, problem):
+    path = tmp_path / "qa.json"
+    path.write_text(content)
+    cfg = load_config(
+        None,
+        ["task.name=conciseness", f"task.conciseness.data_path={path}", "task.train_size=32"],
+    )
+    with pytest.raises(ConfigError, match=f"task.conciseness.data_path.*qa.json.*{problem}"):
+        make_task(cfg.task)

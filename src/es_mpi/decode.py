@@ -10,7 +10,8 @@ the weights' dtype (bfloat16 weights use the CPU's bf16 matrix units where it ha
 Its output has `generate`'s layout: prompt + new tokens, pad after each row's end token,
 stopped when every row has ended (on any of the end ids) or after max_new_tokens. It reads
 the model's parameters at each call, so an evaluation copy overwritten in place (a perturbed
-member) is decoded as it is. Positions follow `generate` for left-padded prompts (attention_mask.cumsum - 1).
+member) is decoded as it is. Positions follow `generate` for left-padded prompts
+(attention_mask.cumsum - 1).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..config import ConfigError
@@ -57,3 +59,19 @@ def train_without_heldout(
             "(more digits)"
         )
     return train[:train_size]
+
+
+def read_json_records(path: str | Path, field: str) -> list:
+    """The non-empty JSON list in a user's data file; a missing, unreadable or malformed file
+    is a ConfigError naming the config field and the file (exit 2, nothing started)."""
+    where = f"config field '{field}'"
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: no file '{path}'")
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where}: '{path}' is not readable JSON ({exc})") from exc
+    if not isinstance(records, list) or not records:
+        raise ConfigError(f"{where}: '{path}' must hold a non-empty JSON list of records")
+    return records

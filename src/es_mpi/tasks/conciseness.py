@@ -8,12 +8,28 @@ The fine-tuned model's KL divergence from the base model is reported at held-out
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import ConfigError, TaskConfig
-from .base import Example
+from .base import Example, read_json_records
 from .countdown import TINY_ANSWER_FORMAT, CountdownTask
+
+
+def load_pairs(path: str | Path) -> list[tuple[str, list[str]]]:
+    """(question, answers) pairs of a JSON list of {"question": str, "answers": [str, ...]};
+    any problem is a ConfigError naming the field, the file and the record."""
+    records = read_json_records(path, "task.conciseness.data_path")
+    pairs = []
+    for i, r in enumerate(records):
+        ok = isinstance(r, dict) and isinstance(r.get("question"), str)
+        answers = r.get("answers") if ok else None
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+            raise ConfigError(
+                f"config field 'task.conciseness.data_path': '{path}' record {i} is not "
+                '{"question": "...", "answers": ["...", ...]}'
+            )
+        pairs.append((r["question"], list(answers)))
+    return pairs
 
 
 class ConcisenessTask:
@@ -23,11 +39,7 @@ class ConcisenessTask:
     def __init__(self, cfg: TaskConfig) -> None:
         path = cfg.conciseness.data_path
         if path:
-            if not Path(path).is_file():
-                raise ConfigError(f"config field 'task.conciseness.data_path': no file '{path}'")
-            pairs = [
-                (r["question"], list(r["answers"])) for r in json.loads(Path(path).read_text())
-            ]
+            pairs = load_pairs(path)
         else:
             countdown = CountdownTask(cfg)
             source = countdown.train + countdown.test

@@ -14,14 +14,13 @@ limits sit on the answer expression (safe_arith), and every check here is linear
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ConfigError, TaskConfig
-from .base import Example
+from .base import Example, read_json_records
 from .safe_arith import evaluate
 
 THINK_OPEN = "<think>"
@@ -223,19 +222,12 @@ def _record_problem(record: object) -> str | None:
 def load_problems(path: str | Path) -> list[dict]:
     """Records in the paper's format; any file problem is a ConfigError naming the field,
     the file and (for a bad record) its index."""
-    field = "config field 'task.countdown.data_path'"
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{field}: no file '{path}'")
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{field}: '{path}' is not readable JSON ({exc})") from exc
-    if not isinstance(records, list) or not records:
-        raise ConfigError(f"{field}: '{path}' must hold a non-empty JSON list of records")
+    records = read_json_records(path, "task.countdown.data_path")
     for i, record in enumerate(records):
         if problem := _record_problem(record):
-            raise ConfigError(f"{field}: '{path}' record {i} {problem}")
+            raise ConfigError(
+                f"config field 'task.countdown.data_path': '{path}' record {i} {problem}"
+            )
     return records
 
 
