@@ -113,6 +113,7 @@ def test_decoder_auto_picks_fast_where_it_runs():
         model, _ = load(name)
         assert resolve_decoder("auto", model, lowrank=False) == expected, name
         assert resolve_decoder("auto", model, lowrank=True) == "hf"
+        assert resolve_decoder("auto", model, int8=True) == "hf"
         assert resolve_decoder("hf", model, lowrank=False) == "hf"
     gemma, _ = load("gemma3")
     assert "gemma3_text" in fast_decode_problem(gemma)

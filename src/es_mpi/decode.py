@@ -46,8 +46,13 @@ def fast_decode_problem(model: nn.Module) -> str | None:
         t != "full_attention" for t in getattr(cfg, "layer_types", None) or []
     ):
         return "the fast decoder supports full attention only (not sliding windows)"
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+    # every projection it reads must be a plain nn.Linear (not a subclass, not an int8 copy)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for layer in model.model.layers:
+        linears += [getattr(layer.self_attn, f"{n}_proj", None) for n in ("q", "k", "v", "o")]
+        linears += [getattr(layer.mlp, f"{n}_proj", None) for n in ("gate", "up", "down")]
+    for module in linears:
+        if type(module) is not nn.Linear:
             return f"the fast decoder needs plain nn.Linear layers (found {type(module).__name__})"
     return None
 

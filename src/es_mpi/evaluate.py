@@ -33,13 +33,13 @@ class PromptBatch:
         )
 
 
-def resolve_decoder(requested: str, model, lowrank: bool) -> str:
-    """runtime.decoder auto -> fast where es_mpi.decode supports the model (and the weights
-    are read directly, not through low-rank hooks), else hf. A property of the model and the
-    config only, so every rank and every resume decides alike."""
+def resolve_decoder(requested: str, model, lowrank: bool = False, int8: bool = False) -> str:
+    """runtime.decoder auto -> fast where es_mpi.decode supports the model and reads plain
+    float weights (no low-rank hooks, no int8 copy), else hf. A property of the model and
+    the config only, so every rank and every resume decides alike."""
     if requested != "auto":
         return requested
-    return "hf" if lowrank or fast_decode_problem(model) else "fast"
+    return "hf" if lowrank or int8 or fast_decode_problem(model) else "fast"
 
 
 class Evaluator:
@@ -80,7 +80,9 @@ class Evaluator:
     @classmethod
     def for_config(cls, model, tokenizer, task: Task, cfg: Config, model_path: str = ""):
         """The evaluator a run's config asks for: its prompt format, length and decoder."""
-        decoder = resolve_decoder(cfg.runtime.decoder, model, cfg.es.mode == "lowrank")
+        decoder = resolve_decoder(
+            cfg.runtime.decoder, model, cfg.es.mode == "lowrank", cfg.model.eval_dtype == "int8"
+        )
         prompter = Prompter(tokenizer, cfg.task.chat, model_path or cfg.model.path)
         return cls(model, tokenizer, task, cfg.task.max_new_tokens, decoder, prompter)
 
