@@ -53,7 +53,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks bin/es-mpi
 	$(VENV)/bin/ruff format --check src tests benchmarks bin/es-mpi
 
-# Rebuild the shipped tiny models (deterministic from their seeds).
+# Rebuild the shipped tiny models (deterministic from their seeds; models/README.md).
 model: install
 	$(VENV)/bin/es-mpi init-model --out models/tiny-random --seed 0
 
@@ -78,8 +78,6 @@ ESNOISE = --weight-noise 0.3 --tag-tokens --noise-multipliers "norm=10,embed=0.5
 pretrain-model: install
 	$(PRETRAIN) --out models/tiny-countdown --steps 250
 	$(PRETRAIN) --out models/tiny-countdown-robust --steps 250 --weight-noise 0.1
-	$(PRETRAIN) --out models/tiny-countdown-tags --steps 250 --weight-noise 0.3 --tag-tokens
-	$(PRETRAIN) --out models/tiny-countdown-esnoise --steps 250 $(ESNOISE)
 	$(PRETRAIN) --out models/tiny-countdown-h64 --steps 700 --hidden 64 --layers 3 --heads 2 \
 		$(ESNOISE)
 	$(PRETRAIN) --out models/qwen2-countdown-chat --family qwen2 --steps 1000 --hidden 64 \

@@ -95,7 +95,7 @@ class Comm:
     ) -> np.ndarray:
         """Allgather (member index, seed, reward) triples into a vector indexed by member.
 
-        Only these scalars cross the network (DESIGN.md, invariant 4). The seeds are checked
+        Only these scalars cross the network (docs/design.md, invariant 4). The seeds are checked
         against this rank's own: a mismatch means ranks disagree on the run's config.
         """
         local = [(n, int(seeds[n]), float(r)) for n, r in zip(members, rewards, strict=True)]

@@ -375,7 +375,8 @@ class TaskConfig:
 class RuntimeConfig:
     threads: int = 1
     """CPU threads per rank. Part of the result: CPU matrix products differ in the last bits
-    with the thread count, so it is never derived from the rank count (DESIGN.md, invariant 1)."""
+    with the thread count, so it is never derived from the rank count (docs/design.md,
+    invariant 1)."""
     device: str = "auto"
     """auto (cuda:(local_rank % n_gpus) when CUDA is present, else cpu), cpu or cuda."""
     verify_every: int = 10

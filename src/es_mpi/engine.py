@@ -17,7 +17,7 @@ from .quant import quantise_linears
 
 
 def set_threads(threads: int) -> None:
-    """Fix the CPU thread count: it is part of a run's result (DESIGN.md, invariant 1)."""
+    """Fix the CPU thread count: it is part of a run's result (docs/design.md, invariant 1)."""
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
@@ -39,7 +39,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 def make_cuda_deterministic() -> None:
     """Deterministic GPU kernels, so a member's reward does not depend on run-to-run kernel
-    choices (rank-count invariance on GPU, DESIGN.md invariant 1). cuBLAS reads its
+    choices (rank-count invariance on GPU, docs/design.md, invariant 1). cuBLAS reads its
     workspace setting when it first initialises, hence before any CUDA work."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)

@@ -129,7 +129,7 @@ class Evaluator:
         return out, keep
 
     def completions(self, batch: PromptBatch) -> list[str]:
-        # Score the completion only: the prompt must never earn reward (DESIGN.md, defect 5).
+        # Score the completion only: the prompt must never earn reward (docs/design.md, defect 5).
         out, keep = self.generate(batch)
         return self.decode(out[:, batch.input_ids.shape[1] :], keep)
 
@@ -191,7 +191,7 @@ def heldout_score(
     """Score the model as it is on every example, batches dealt to ranks, scalars allgathered.
 
     Batches are consecutive runs of `batch_size` examples whatever the rank count, so every
-    prompt is decoded in the same batch shape (DESIGN.md, invariant 1). With `base_model`,
+    prompt is decoded in the same batch shape (docs/design.md, invariant 1). With `base_model`,
     also the k3 KL of the model's completions from the base model.
     """
     if not examples:

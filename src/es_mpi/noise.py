@@ -1,7 +1,7 @@
 """Seed -> Gaussian noise, one independent stream per (member seed, tensor name).
 
 Keying the stream by the tensor's name (not only by the member seed) is what keeps two
-same-shaped tensors in different layers from receiving identical noise (DESIGN.md, defect 1).
+same-shaped tensors in different layers from receiving identical noise (docs/design.md, defect 1).
 Noise is always generated in float32 with the tensor's full shape: torch's CPU sampler gives
 different values for a different length or dtype, so the shape is part of the stream.
 """

@@ -1,6 +1,6 @@
 """fp32 master weights, the evaluation copy, and the ES update.
 
-The master weights are never perturbed in place (DESIGN.md, invariant 3 / defect 2): a member
+The master weights are never perturbed in place (docs/design.md, invariant 3 / defect 2): a member
 is evaluated on the model's own parameters (the evaluation copy, in any dtype), overwritten
 tensor by tensor with master + sign * sigma * eps. Updates accumulate in fp32 (defect 3).
 """

@@ -23,7 +23,7 @@ class Example:
 class Task(Protocol):
     """A reward task: a train split, a held-out split and a scorer.
 
-    `score` sees the completion only (never the prompt: DESIGN.md, defect 5) and must be
+    `score` sees the completion only (never the prompt: docs/design.md, defect 5) and must be
     fast and safe on hostile model output.
     """
 

@@ -5,7 +5,7 @@ Reward as in the paper: 0.1 * format + answer. Format is 1.0 for
 block. Answer is 1.0 when the last `<answer>` uses exactly the given numbers (each once) and
 evaluates to the target within 1e-5, by the safe evaluator (never eval()).
 
-Only the completion is scored (DESIGN.md, defect 5). A prompt that ends with the opening
+Only the completion is scored (docs/design.md, defect 5). A prompt that ends with the opening
 `<think>` (as the paper's does, or a chat prompt whose task.chat.assistant_prefix does) has that
 tag counted as the completion's first token, since the model cannot write it itself; nothing
 else of the prompt is seen by the scorer. Completions of any length are scored: the safety

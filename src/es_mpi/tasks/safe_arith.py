@@ -1,4 +1,4 @@
-"""A small, safe evaluator for model-written arithmetic (DESIGN.md, defect 4: never eval()).
+"""A small, safe evaluator for model-written arithmetic (docs/design.md, defect 4: never eval()).
 
 Grammar: integers, + - * /, unary minus, parentheses. No `**`, no names, no floats in the
 input. Every limit fails fast with None: overlong text, too many digits in a number, deep
