@@ -27,9 +27,9 @@ from es_mpi.comm import Comm  # noqa: E402
 from es_mpi.config_load import load_config  # noqa: E402
 from es_mpi.engine import Engine  # noqa: E402
 from es_mpi.evaluate import heldout_score  # noqa: E402
-from es_mpi.session import sigma_scales  # noqa: E402
 from es_mpi.tasks import make_task  # noqa: E402
 from es_mpi.trainer import Trainer  # noqa: E402
+from es_mpi.update import sigma_scales  # noqa: E402
 
 SETTINGS = {
     "hf float32": ["runtime.decoder=hf", "model.eval_dtype=float32"],

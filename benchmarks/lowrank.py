@@ -32,10 +32,10 @@ from es_mpi.config_load import load_config  # noqa: E402
 from es_mpi.engine import Engine  # noqa: E402
 from es_mpi.evaluate import Evaluator, heldout_score  # noqa: E402
 from es_mpi.lowrank import PopulationHooks  # noqa: E402
-from es_mpi.session import sigma_scales  # noqa: E402
 from es_mpi.strategy import member_population  # noqa: E402
 from es_mpi.tasks import make_task  # noqa: E402
 from es_mpi.trainer import Trainer  # noqa: E402
+from es_mpi.update import sigma_scales  # noqa: E402
 
 
 def fmt(values: list[float], unit: str = "") -> str:

@@ -120,7 +120,7 @@ def test_sigma_scales_logged_or_derived_from_the_base():
     from es_mpi.config_load import load_config
     from es_mpi.perturb import per_tensor_std
     from es_mpi.runlog import LogData
-    from es_mpi.session import sigma_scales
+    from es_mpi.update import sigma_scales
 
     weights = MasterWeights(TwoTensors())
     scaled = load_config(None, ["es.sigma_scale=per_tensor_std"])
@@ -133,7 +133,7 @@ def test_sigma_scales_logged_or_derived_from_the_base():
 
 def test_scale_multipliers_first_matching_pair_applies():
     from es_mpi.config_load import load_config
-    from es_mpi.session import sigma_scales
+    from es_mpi.update import sigma_scales
 
     weights = MasterWeights(TwoTensors())
 

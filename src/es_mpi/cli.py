@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace, comm) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .session import run_summary
+    from .summary import run_summary
 
     summary = run_summary(args.run_dir)
     if args.json:
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_USAGE
     from .config import ConfigError
-    from .runlog import Interrupted, ReplayMismatch, RunLogError
+    from .errors import Interrupted, ReplayMismatch, RunLogError
 
     if args.command == "init-model":
         if args.family == "char":

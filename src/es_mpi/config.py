@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """Bad user input: the message names the offending field. The CLI exits with code 2."""
+__all__ = ["Config", "ConfigError"]
 
 
 SHAPINGS = ("zscore", "centered_rank", "top_pairs")

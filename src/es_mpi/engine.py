@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import replace_dir
 from .comm import Comm
 from .config import Config
-from .modelio import load_model, load_tokenizer, model_class, read_fp32_weights
+from .modelio import load_model, load_tokenizer, model_class, read_fp32_weights, save_hf_dir
 from .perturb import MasterWeights
 from .quant import quantise_linears
 
@@ -69,6 +70,14 @@ class Engine:
     weights: MasterWeights
     rss_before_model: int
     model_path: str
+
+    def save_master(self, out: Path, dtype: str = "float32") -> None:
+        """The master weights as an HF directory at `out`, written beside it and swapped in
+        whole (a crash leaves the old directory or the new one, never half of one)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        save_hf_dir(self.model, self.tokenizer, self.weights.state_dict(), tmp, dtype)
+        replace_dir(tmp, out)
 
     def load_base_copy(self) -> torch.nn.Module:
         """An untouched float32 copy of the base model (e.g. the reference for KL)."""

@@ -16,6 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import RunLogError
+
 FORMAT = "es-mpi-runlog-1"
 LOG_NAME = "run.h5"
 
@@ -48,18 +50,6 @@ HELDOUT = {
 }
 # Per-iteration, per-member columns.
 MEMBER_COLUMNS = {"member_seeds": "i8", "member_signs": "i1", "rewards": "f8", "shaped": "f8"}
-
-
-class RunLogError(RuntimeError):
-    """The run log is missing, unreadable or inconsistent with what is asked of it."""
-
-
-class Interrupted(Exception):
-    """The run stopped early on a signal at an iteration boundary; resumable (exit 75)."""
-
-
-class ReplayMismatch(RuntimeError):
-    """Weights rebuilt from the log differ from a logged checksum."""
 
 
 @dataclass

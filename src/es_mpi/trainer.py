@@ -11,61 +11,28 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import replace_dir, save_checkpoint
+from .checkpoint import save_checkpoint
 from .comm import deal_members
-from .config import ESConfig
 from .engine import Engine, peak_rss_bytes
+from .errors import Interrupted
 from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
 from .lowrank import PopulationHooks
-from .modelio import save_hf_dir
-from .perturb import MasterWeights
 from .progress import Progress
-from .runlog import Interrupted, IterationRecord, RunLog
+from .runlog import IterationRecord, RunLog
 from .strategy import (
     Population,
     member_population,
     prompt_indices,
     replace_nonfinite,
-    scheduled,
-    shape_rewards,
-    update_coefficients,
 )
-from .tasks import Task
-
-
-def apply_es_update(
-    weights: MasterWeights,
-    population: Population,
-    rewards: np.ndarray,
-    es: ESConfig,
-    iteration: int,
-) -> np.ndarray:
-    """Shape the gathered rewards and move the master weights; returns the shaped weights.
-
-    Training and replay both call this, so a replay repeats the update bit for bit.
-    """
-    shaped = shape_rewards(rewards, es.shaping, es.top_pairs)
-    alpha, _ = scheduled_rates(es, iteration)
-    weights.apply_update(update_coefficients(population, shaped, alpha))
-    return shaped
+from .tasks import Task, reports_kl
+from .update import apply_es_update, scheduled_rates
 
 
 def out_of_time(elapsed: float, loop_seconds: list[float], limit_seconds: float) -> bool:
     """Would the next iteration, estimated as the longest of the last 20, end past the
     limit? Never before a session's first iteration (it has no estimate)."""
     return bool(loop_seconds) and elapsed + max(loop_seconds[-20:]) > limit_seconds
-
-
-def scheduled_rates(es: ESConfig, iteration: int) -> tuple[float, float]:
-    """(alpha, sigma) of `iteration` under es.alpha_schedule and es.sigma_schedule."""
-    return (
-        scheduled(
-            es.alpha, es.alpha_schedule, es.alpha_final, es.alpha_decay_iterations, iteration
-        ),
-        scheduled(
-            es.sigma, es.sigma_schedule, es.sigma_final, es.sigma_decay_iterations, iteration
-        ),
-    )
 
 
 class Trainer:
@@ -79,7 +46,7 @@ class Trainer:
         self.logging_seconds: list[float] = []  # rank 0: log append + progress, per iteration
         self.stop_signal: str | None = None  # name of a stop signal received
         # A frozen copy of the base model, for tasks that report KL from it (conciseness).
-        self.base_model = engine.load_base_copy() if getattr(task, "report_kl", False) else None
+        self.base_model = engine.load_base_copy() if reports_kl(task) else None
         self.evaluator = Evaluator.for_config(
             engine.model, engine.tokenizer, task, self.cfg, engine.model_path
         )
@@ -349,9 +316,7 @@ class Trainer:
                 }
             )
         )
-        tmp = self.run_dir / ".final.tmp"
-        save_hf_dir(self.engine.model, self.engine.tokenizer, self.weights.state_dict(), tmp)
-        replace_dir(tmp, self.run_dir / "final")
+        self.engine.save_master(self.run_dir / "final")
         print(
             f"[es-mpi] done: final model in {self.run_dir / 'final'}", file=sys.stdout, flush=True
         )

@@ -6,7 +6,7 @@ import importlib
 
 from ..config import ConfigError, TaskConfig
 from .arithmetic import ArithmeticTask
-from .base import Example, Task
+from .base import Example, Task, reports_kl
 from .conciseness import ConcisenessTask
 from .countdown import CountdownTask
 from .multiplication import MultiplicationTask
@@ -18,7 +18,7 @@ BUILTIN_TASKS = {
     "multiplication": MultiplicationTask,
 }
 
-__all__ = ["BUILTIN_TASKS", "Example", "Task", "make_task"]
+__all__ = ["BUILTIN_TASKS", "Example", "Task", "make_task", "reports_kl"]
 
 
 def make_task(cfg: TaskConfig) -> Task:

@@ -24,7 +24,8 @@ class Task(Protocol):
     """A reward task: a train split, a held-out split and a scorer.
 
     `score` sees the completion only (never the prompt: docs/design.md, defect 5) and must be
-    fast and safe on hostile model output.
+    fast and safe on hostile model output. Optional: a true attribute `report_kl` asks the
+    trainer to score KL(model || base) at each held-out evaluation (see `reports_kl`).
     """
 
     name: str
@@ -32,6 +33,11 @@ class Task(Protocol):
     test: list[Example]
 
     def score(self, completion: str, example: Example) -> float: ...
+
+
+def reports_kl(task: Task) -> bool:
+    """The optional `report_kl` of a task (conciseness sets it; plug-ins may)."""
+    return bool(getattr(task, "report_kl", False))
 
 
 def train_without_heldout(
