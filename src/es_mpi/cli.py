@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 a failure at run time (the whole MPI job is aborted),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import traceback
@@ -85,30 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
     pt = sub.add_parser("pretrain", help="pretrain the tiny base model on generated Countdown")
-    pt.add_argument("--out", type=Path, required=True)
-    for name, default in (
-        ("steps", 250),
-        ("batch", 64),
-        ("seed", 0),
-        ("hidden", 128),
-        ("layers", 4),
-        ("heads", 4),
-        ("threads", 2),
-    ):
-        pt.add_argument(f"--{name}", type=int, default=default)
-    pt.add_argument("--lr", type=float, default=3e-3)
-    pt.add_argument("--weight-noise", type=float, default=0.0, help="noise-robust training")
-    pt.add_argument("--tag-tokens", action="store_true", help="Countdown's tags as single tokens")
-    pt.add_argument(
-        "--noise-multipliers", default="", help="per-tensor factors on --weight-noise (regex=f,...)"
-    )
-    pt.add_argument("--config", default="configs/default.yaml", help="task settings")
-    pt.add_argument(
-        "--family",
-        choices=("char", "qwen2", "llama3", "gemma3"),
-        default="char",
-        help="char: the character-level Llama; else a chat fixture (BPE, chat template)",
-    )
+    _pretrain_arguments(pt)
 
     m = sub.add_parser(
         "init-model", help="build a tiny random model: char Llama, or a chat fixture"
@@ -116,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument(
         "--family",
-        choices=("char", "qwen2", "llama3", "gemma3"),
+        choices=FAMILIES,
         default="char",
         help="char: Llama + char tokenizer; qwen2/llama3/gemma3: chat fixture (its own sizes)",
     )
@@ -125,6 +103,28 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--seed", type=int, default=0)
     return p
+
+
+FAMILIES = ("char", "qwen2", "llama3", "gemma3")
+
+
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per PretrainArgs field, its default taken from there (one place)."""
+    from .pretrain import PretrainArgs
+
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(PretrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "out":
+            parser.add_argument(flag, type=Path, required=True)
+        elif f.type == "bool":
+            parser.add_argument(flag, action="store_true")
+        else:
+            choices = FAMILIES if f.name == "family" else None
+            kind = kinds[f.type]
+            parser.add_argument(
+                flag, type=kind, default=f.default, choices=choices, help="default: %(default)s"
+            )
 
 
 def _help_config() -> None:
