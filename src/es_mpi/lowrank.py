@@ -202,9 +202,7 @@ class PopulationHooks:
 
     def _lookup_factor(self, module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """What `module.forward` multiplies a looked-up row by, per output element: its output
-        for a weight of ones. 1 for a plain nn.Embedding (not computed)."""
-        if type(module) is nn.Embedding:
-            return torch.ones((), dtype=module.weight.dtype, device=module.weight.device)
+        for a weight of ones."""
         ones = torch.ones((1, 1), dtype=module.weight.dtype, device=module.weight.device)
         self._in_probe = True  # functional_call runs this module's hooks again
         try:
@@ -234,7 +232,10 @@ class PopulationHooks:
         member = torch.arange(self.members, device=ids.device).unsqueeze(1)
         b_rows = self._b[name][member, ids]  # [M, P*L, r]
         delta = torch.bmm(b_rows, self._a[name].transpose(1, 2))  # [M, P*L, n]
-        return output + delta.reshape(output.shape) * self._lookup_factor(module, args[0])
+        delta = delta.reshape(output.shape)
+        if type(module) is not nn.Embedding:  # a plain lookup has factor 1: skip the product
+            delta = delta * self._lookup_factor(module, args[0])
+        return output + delta
 
     def _vector_hook(self, vectors: dict[str, str]):
         """Run the module once per member with its own perturbed 1-D parameters."""
