@@ -93,7 +93,7 @@ def test_batched_hooks_equal_materialised_members(tiny_model_dir, model, rank, v
     batched_tokens = evaluator.generate(many)[0]
     hooks.deactivate()
 
-    assert torch.allclose(batched_logits, torch.cat(alone_logits), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(batched_logits, torch.cat(alone_logits), atol=1e-4)
     assert torch.equal(batched_tokens, torch.cat(alone_tokens))  # greedy tokens, KV cache on
     # the members really differ from each other and from the unperturbed model
     assert not torch.allclose(alone_logits[0], alone_logits[1], atol=1e-3)
