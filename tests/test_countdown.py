@@ -278,30 +278,3 @@ def test_paper_template_on_generated_problems_and_context_needs_data():
     assert user.startswith("Using the numbers [") and user.endswith("</answer>.")
     with pytest.raises(ConfigError, match="task.countdown.template.*data_path"):
         load_config(None, ["task.name=countdown", "task.countdown.template={context}"])
-
-
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [
-        ("not json", "is not readable JSON"),
-        ('{"numbers": [1]}', "non-empty JSON list"),
-        ("[]", "non-empty JSON list"),
-        ('[{"numbers": [1, 2], "target": "3"}, {"target": "3"}]', "record 1 lacks"),
-        ('[{"numbers": "1 2", "target": "3"}]', "record 0 has 'numbers'"),
-        ('[{"numbers": [1, 2], "target": "three"}]', "record 0 has a 'target'"),
-    ],
-)
-def test_bad_data_files_name_the_field_the_file_and_the_record(tmp_path, content, problem):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    cfg = load_config(
-        None,
-        [
-            "task.name=countdown",
-            f"task.countdown.data_path={path}",
-            "task.train_size=32",
-            "task.test_size=0",
-        ],
-    )
-    with pytest.raises(ConfigError, match=f"task.countdown.data_path.*bad.json.*{problem}"):
-        make_task(cfg.task)

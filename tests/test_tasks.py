@@ -294,20 +294,28 @@ def test_tag_tokens_shorten_completions_and_decode_back():
 
 
 @pytest.mark.parametrize(
-    ("content", "problem"),
+    ("task", "content", "problem"),
     [
-        ("{", "is not readable JSON"),
-        ("{}", "non-empty JSON list"),
-        ('[{"question": "q", "answers": ["a"]}, {"question": "q"}]', "record 1 is not"),
-        ('[{"question": "q", "answers": []}]', "record 0 is not"),
+        ("countdown", "not json", "is not readable JSON"),
+        ("countdown", '{"numbers": [1]}', "non-empty JSON list"),
+        ("countdown", "[]", "non-empty JSON list"),
+        ("countdown", '[{"numbers": [1, 2], "target": "3"}, {"target": "3"}]', "record 1 lacks"),
+        ("countdown", '[{"numbers": "1 2", "target": "3"}]', "record 0 has 'numbers'"),
+        ("countdown", '[{"numbers": [1, 2], "target": "three"}]', "record 0 has a 'target'"),
+        ("conciseness", "{", "is not readable JSON"),
+        ("conciseness", "{}", "non-empty JSON list"),
+        (
+            "conciseness",
+            '[{"question": "q", "answers": ["a"]}, {"question": "q"}]',
+            "record 1 is not",
+        ),
+        ("conciseness", '[{"question": "q", "answers": []}]', "record 0 is not"),
     ],
 )
-def test_bad_conciseness_files_name_the_field_the_file_and_the_record(tmp_path, content, problem):
-    path = tmp_path / "qa.json"
+def test_bad_data_files_name_the_field_the_file_and_the_record(tmp_path, task, content, problem):
+    path = tmp_path / "bad.json"
     path.write_text(content)
-    cfg = load_config(
-        None,
-        ["task.name=conciseness", f"task.conciseness.data_path={path}", "task.train_size=32"],
-    )
-    with pytest.raises(ConfigError, match=f"task.conciseness.data_path.*qa.json.*{problem}"):
+    sets = [f"task.{task}.data_path={path}", "task.train_size=32", "task.test_size=0"]
+    cfg = load_config(None, [f"task.name={task}", *sets])
+    with pytest.raises(ConfigError, match=f"task.{task}.data_path.*bad.json.*{problem}"):
         make_task(cfg.task)

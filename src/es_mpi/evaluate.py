@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from .config import Config, ConfigError
+from .config import ChatConfig, Config, ConfigError
 from .decode import fast_decode_problem, greedy_decode
 from .prompts import Prompter, end_token_ids
 from .tasks import Example, Task
@@ -58,7 +58,7 @@ class Evaluator:
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
-        self.prompter = prompter
+        self.prompter = prompter or Prompter(tokenizer, ChatConfig())
         self.device = next(model.parameters()).device
         if decoder == "fast" and (problem := fast_decode_problem(model)):
             raise ConfigError(f"config field 'runtime.decoder': {problem}; use hf or auto")
@@ -86,17 +86,12 @@ class Evaluator:
         prompter = Prompter(tokenizer, cfg.task.chat, model_path or cfg.model.path)
         return cls(model, tokenizer, task, cfg.task.max_new_tokens, decoder, prompter)
 
-    def prompt_texts(self, examples: list[Example]) -> list[str]:
-        if self.prompter is None:
-            return [e.prompt for e in examples]
-        return [self.prompter.render(e) for e in examples]
-
     def encode(self, examples: list[Example]) -> PromptBatch:
         enc = self.tokenizer(
-            self.prompt_texts(examples),
+            [self.prompter.render(e) for e in examples],
             return_tensors="pt",
             padding=True,
-            add_special_tokens=self.prompter is None or self.prompter.add_special_tokens,
+            add_special_tokens=self.prompter.add_special_tokens,
         )
         return PromptBatch(
             examples, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)

@@ -149,7 +149,7 @@ def pretrain(args: PretrainArgs) -> dict:
             [prompter.render(task.example(p)) for p in chunk],
             [TINY_ANSWER_FORMAT.format(solution=p["solution"]) for p in chunk],
             end_id,
-            prompter.add_special_tokens and args.family != "char",
+            prompter.add_special_tokens,
             "" if args.family == "char" else AFTER_END_OF_TURN,
         )
         clean = _perturb(model, args.weight_noise, generator, multipliers)

@@ -239,9 +239,9 @@ class CountdownTask:
     def __init__(self, cfg: TaskConfig) -> None:
         c = cfg.countdown
         self.template = c.template
-        # chat prompts end with task.chat.assistant_prefix, raw ones with the prompt itself
-        self.chat_opens_think = cfg.chat.enabled and cfg.chat.assistant_prefix.endswith(THINK_OPEN)
-        self.chat = cfg.chat.enabled
+        # what the model's prompt ends with: task.chat.assistant_prefix for a chat prompt,
+        # the example's own prompt for a raw one (None)
+        self.chat_prefix = cfg.chat.assistant_prefix if cfg.chat.enabled else None
         self.partial = c.partial_credit
         self.graded = c.partial_credit_per_number
         self.near = c.partial_credit_closeness
@@ -265,7 +265,11 @@ class CountdownTask:
         target = str(record["target"])
         if self.template == "paper":
             user = PAPER_USER.format(numbers=paper_numbers(numbers), target=target)
-            prompt = user if self.chat else PAPER_SYSTEM + user + PAPER_ASSISTANT_PREFIX
+            prompt = (
+                user
+                if self.chat_prefix is not None
+                else PAPER_SYSTEM + user + PAPER_ASSISTANT_PREFIX
+            )
         else:
             prompt = self.template.format(
                 numbers=" ".join(map(str, numbers)), target=target, context=record.get("context")
@@ -274,8 +278,8 @@ class CountdownTask:
 
     def score(self, completion: str, example: Example) -> float:
         numbers, target, _ = example.answer
-        opens = self.chat_opens_think if self.chat else example.prompt.endswith(THINK_OPEN)
-        prefix = THINK_OPEN if opens else ""
+        prompt_end = example.prompt if self.chat_prefix is None else self.chat_prefix
+        prefix = THINK_OPEN if prompt_end.endswith(THINK_OPEN) else ""
         return countdown_reward(
             completion, numbers, target, prefix, self.partial, self.graded, self.near
         )
