@@ -32,19 +32,22 @@ def test_master_bit_identical_after_evaluating_members(tiny_config, tmp_path, ev
 
 
 def test_member_reward_independent_of_evaluation_order(tiny_config, tmp_path):
-    """A member's reward depends only on (theta, seed, prompts): not on who ran before it."""
+    """A member's completions depend only on (theta, seed, prompts): not on who ran before."""
     engine = Engine.load(tiny_config, Comm.serial())
     trainer = Trainer(engine, make_task(tiny_config.task), tmp_path, log=None)
     from es_mpi.strategy import member_population
 
-    sigma = 0.5  # large enough that members score differently
+    sigma = 0.5  # large enough that members generate differently
     pop = member_population(0, 0, 6, antithetic=False)
     batch = trainer.prompt_batch(0)
-    forward, _ = trainer.evaluate_members(range(6), pop, batch, sigma)
+
+    def completions(n: int) -> tuple[str, ...]:
+        engine.weights.materialise(int(pop.seeds[n]), int(pop.signs[n]), sigma)
+        return tuple(trainer.evaluator.completions(batch))
+
+    forward = [completions(n) for n in range(6)]
     assert len(set(forward)) > 1  # members differ, so an order effect would show
-    backward = [
-        trainer.evaluate_members(range(n, n + 1), pop, batch, sigma)[0][0] for n in range(5, -1, -1)
-    ]
+    backward = [completions(n) for n in range(5, -1, -1)]
     assert forward == backward[::-1]
 
 

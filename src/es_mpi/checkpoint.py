@@ -1,4 +1,5 @@
-"""Master-weight checkpoints: safetensors, written atomically, newest few kept."""
+"""Master-weight checkpoints: safetensors, streamed (tensorfile.py), written atomically,
+newest few kept."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from . import tensorfile
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^iter_(\d{8})\.safetensors$")
@@ -25,11 +27,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write to a temp file, fsync, then os.replace: a crash leaves the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata
-    )
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    tensorfile.write(tmp, tensors, metadata)  # fsynced
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -59,10 +57,6 @@ def save_checkpoint(
     for _, old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
-
-
-def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 def replace_dir(src: Path, dst: Path) -> None:

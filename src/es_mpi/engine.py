@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class Engine:
     weights: MasterWeights
     rss_before_model: int
     model_path: str
+    load_seconds: float  # model, master weights and tokenizer
 
     def save_master(self, out: Path, dtype: str = "float32") -> None:
         """The master weights as an HF directory at `out`, written beside it and swapped in
@@ -80,16 +82,27 @@ class Engine:
         replace_dir(tmp, out)
 
     def load_base_copy(self) -> torch.nn.Module:
-        """An untouched float32 copy of the base model (e.g. the reference for KL)."""
-        return load_model(self.model_path, "float32", self.device)
+        """An untouched copy of the base model in the evaluation dtype (float32 for int8),
+        e.g. the reference for KL."""
+        dtype = self.cfg.model.eval_dtype
+        return load_model(self.model_path, "float32" if dtype == "int8" else dtype, self.device)
 
     @classmethod
-    def load(cls, cfg: Config, comm: Comm, model_path: str | Path | None = None) -> Engine:
+    def load(
+        cls,
+        cfg: Config,
+        comm: Comm,
+        model_path: str | Path | None = None,
+        noise_kind: str = "chunked",
+        fingerprint_kind: str = "sums",
+    ) -> Engine:
+        """Load this rank's replica. The kinds are the run log's (noise.py, fingerprint.py)."""
         set_threads(cfg.runtime.threads)
         device = pick_device(cfg.runtime.device, comm.local_rank)
         path = model_path or cfg.model.path
         architecture, config = model_class(path)  # imported before the memory baseline
         rss_before = current_rss_bytes()
+        t_start = time.perf_counter()
         int8 = cfg.model.eval_dtype == "int8"
         load_dtype = "float32" if int8 else cfg.model.eval_dtype
         model = load_model(path, load_dtype, device, architecture, config)
@@ -98,13 +111,20 @@ class Engine:
             master = {n: p.detach().clone() for n, p in model.named_parameters()}
             int8_targets = quantise_linears(model)
         elif load_dtype != "float32":  # the master must not be the rounded eval copy
-            master = read_fp32_weights(path, [n for n, _ in model.named_parameters()])
+            master = read_fp32_weights(path, [n for n, _ in model.named_parameters()], device)
             if master is None:
                 raise RuntimeError(f"'{path}': weight names differ from the model's parameters")
         weights = MasterWeights(
-            model, master, cfg.es.noise_cache_mb * 2**20, extra_targets=int8_targets
+            model,
+            master,
+            cfg.es.noise_cache_mb * 2**20,
+            extra_targets=int8_targets,
+            noise_kind=noise_kind,
+            fingerprint_kind=fingerprint_kind,
+            lanes=cfg.runtime.threads,
         )
         if cfg.es.mode == "lowrank":
             weights.use_lowrank(cfg.es.rank, cfg.es.lowrank_vectors == "full")
         tokenizer = load_tokenizer(path)
-        return cls(cfg, comm, device, model, tokenizer, weights, rss_before, str(path))
+        seconds = time.perf_counter() - t_start
+        return cls(cfg, comm, device, model, tokenizer, weights, rss_before, str(path), seconds)

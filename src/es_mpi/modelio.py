@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from . import tensorfile  # noqa: E402
 from .config import ConfigError  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -81,40 +83,37 @@ def model_class(path: str | Path):
 def load_model(path: str | Path, dtype: str, device: torch.device, cls=None, config=None):
     if cls is None:
         cls, config = model_class(path)
+    # device_map (needs accelerate): the weights go from the file straight to their device
+    # in their dtype; without accelerate they pass through host memory once.
+    placement = {"device_map": {"": str(device)}} if find_spec("accelerate") else {}
     model = cls.from_pretrained(
-        str(path), config=config, dtype=DTYPES[dtype], local_files_only=True
+        str(path), config=config, dtype=DTYPES[dtype], local_files_only=True, **placement
     )
     return model.to(device).eval()
 
 
-_SAFETENSORS_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-}
-
-
-def read_fp32_weights(path: str | Path, names: list[str]) -> dict[str, torch.Tensor] | None:
-    """The named tensors of a model directory's *.safetensors files, as float32, read tensor
-    by tensor with plain file reads (no mmap, so at most one extra tensor is resident).
+def read_fp32_weights(
+    path: str | Path, names: list[str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor] | None:
+    """The named tensors of a model directory's *.safetensors files as float32 on `device`,
+    each allocated once and filled a chunk at a time (tensorfile.py: no whole-file mmap, no
+    second copy of any tensor).
 
     Returns None when a name is missing from the files (a checkpoint with other key names).
     """
-    wanted, found = set(names), {}
+    where: dict[str, tuple[Path, list[int]]] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-            for key, meta in header.items():
-                if key not in wanted or meta["dtype"] not in _SAFETENSORS_DTYPES:
-                    continue
-                start, end = meta["data_offsets"]
-                f.seek(8 + header_len + start)
-                raw = bytearray(f.read(end - start))
-                tensor = torch.frombuffer(raw, dtype=_SAFETENSORS_DTYPES[meta["dtype"]])
-                found[key] = tensor.to(torch.float32).reshape(meta["shape"])
-    return found if wanted <= found.keys() else None
+        entries, _, _ = tensorfile.read_header(file)
+        for key in tensorfile.float_tensor_names(file):
+            where[key] = (file, entries[key]["shape"])
+    if not set(names) <= where.keys():
+        return None
+    found = {
+        name: torch.empty(where[name][1], dtype=torch.float32, device=device) for name in names
+    }
+    for file in sorted({where[name][0] for name in names}):
+        tensorfile.read_into(file, {n: t for n, t in found.items() if where[n][0] == file})
+    return found
 
 
 def load_tokenizer(path: str | Path):
@@ -128,19 +127,19 @@ def load_tokenizer(path: str | Path):
 def save_hf_dir(
     model, tokenizer, master: dict[str, torch.Tensor], out: Path, dtype: str = "float32"
 ) -> None:
-    """Write `master` as an HF directory (config.json, model.safetensors, tokenizer), in
-    float32 (default: the master itself) or rounded once to bfloat16."""
-    torch_dtype = getattr(torch, dtype)
+    """Write `master` as an HF directory (config.json, generation_config.json,
+    model.safetensors, tokenizer), in float32 (default: the master itself) or rounded once to
+    bfloat16, streamed a chunk at a time (no second copy of the weights)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensorfile.write(out / "model.safetensors", master, {"format": "pt"}, DTYPES[dtype])
     eval_dtype = model.config.dtype
-    model.config.dtype = torch_dtype
+    model.config.dtype = DTYPES[dtype]  # the saved weights' dtype, not the evaluation copy's
     try:
-        state = {name: t.detach().to("cpu", torch_dtype).contiguous() for name, t in master.items()}
-        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        model.config.save_pretrained(str(out))
     finally:
         model.config.dtype = eval_dtype
-    # save_pretrained records the dtype of the live model's parameters: state the saved one
-    config_path = Path(out) / "config.json"
-    config = json.loads(config_path.read_text())
-    config["dtype"] = dtype
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

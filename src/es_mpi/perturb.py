@@ -2,18 +2,48 @@
 
 The master weights are never perturbed in place (docs/design.md, invariant 3 / defect 2): a member
 is evaluated on the model's own parameters (the evaluation copy, in any dtype), overwritten
-tensor by tensor with master + sign * sigma * eps. Updates accumulate in fp32 (defect 3).
+with master + sign * sigma * eps. Updates accumulate in fp32 (defect 3).
+
+Work goes piece by piece: a piece is one noise stream (noise.py: a chunk of at most
+CHUNK_ELEMENTS, or a whole tensor for logs of kind `tensor`), so scratch memory is two
+chunk-sized buffers per lane, not buffers the size of the largest tensor. On the CPU,
+`lanes` threads take pieces round-robin; every element sees the same operations in the same
+order whatever the lane count, so the bits do not depend on it.
 """
 
 from __future__ import annotations
 
-import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import tensorfile
+from .fingerprint import fingerprint
 from .lowrank import LowRankNoise
-from .noise import NoiseSource
+from .noise import CHUNK_ELEMENTS, NoiseSource, pieces
+
+# Below this many parameters one lane does everything (a thread hand-off costs more).
+PARALLEL_MIN_NUMEL = 2 * CHUNK_ELEMENTS
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    start: int  # flat element range of the tensor
+    stop: int
+    chunk: int | None  # stream index within the tensor (None: the whole tensor's stream)
+
+
+class Lane:
+    """One worker's noise source and scratch (noise, update accumulator)."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.source = NoiseSource(device)
+        self.noise = torch.empty(size, dtype=torch.float32, device=device)
+        self.acc = torch.empty(size, dtype=torch.float32, device=device)
 
 
 class MasterWeights:
@@ -25,10 +55,15 @@ class MasterWeights:
         master: dict[str, torch.Tensor] | None = None,
         noise_cache_bytes: int = 0,
         extra_targets: dict | None = None,
+        noise_kind: str = "chunked",
+        fingerprint_kind: str = "sums",
+        lanes: int = 1,
     ) -> None:
         """`master`: the fp32 base weights by parameter name, or None to copy them from a
         float32 `model`. The model's own parameters are the evaluation copy, plus
-        `extra_targets`: tensors stored otherwise (int8 layers, quant.py) by weight name."""
+        `extra_targets`: tensors stored otherwise (int8 layers, quant.py) by weight name.
+        `noise_kind` and `fingerprint_kind` are a run log's (noise.py, fingerprint.py);
+        `lanes`: CPU threads drawing noise pieces in parallel (results do not depend on it)."""
         # named_parameters() drops tied duplicates (e.g. lm_head tied to the embedding).
         self.eval_params: dict[str, torch.Tensor] = dict(model.named_parameters())
         self.eval_params.update(extra_targets or {})
@@ -42,86 +77,131 @@ class MasterWeights:
             else:
                 raise ValueError(f"master weights must be float32: '{name}' is {p.dtype}")
         self.names = list(self.master)
+        self.noise_kind, self.fingerprint_kind = noise_kind, fingerprint_kind
         # Per-tensor multiplier of sigma and alpha (es.sigma_scale); 1.0 = plain ES.
         self.scales: dict[str, float] = dict.fromkeys(self.names, 1.0)
         self.numel = sum(t.numel() for t in self.master.values())
-        device = next(iter(self.master.values())).device
-        self.noise = NoiseSource(device)
-        largest = max(t.numel() for t in self.master.values())
-        # Two scratch buffers of the largest tensor: noise, and the update accumulator.
-        self._noise_buf = torch.empty(largest, dtype=torch.float32, device=device)
-        self._acc_buf = torch.empty(largest, dtype=torch.float32, device=device)
-        # Noise of this rank's own members, kept from evaluation to the update so it is not
-        # generated twice, in flat buffers reused across iterations (count set by a byte
-        # budget). Cached or generated again, the values are the same.
+        self.device = next(iter(self.master.values())).device
+        self.pieces = [
+            Piece(name, start, stop, chunk)
+            for name in self.names
+            for start, stop, chunk in pieces(self.master[name].numel(), noise_kind)
+        ]
+        if self.device.type != "cpu" or noise_kind != "chunked" or self.numel < PARALLEL_MIN_NUMEL:
+            lanes = 1  # a GPU queues kernels anyway; whole-tensor pieces would need big scratch
+        largest = max(p.stop - p.start for p in self.pieces)
+        self._lanes = [Lane(self.device, largest) for _ in range(lanes)]
+        self._pool = ThreadPoolExecutor(lanes) if lanes > 1 else None
+        # Flat offsets of each tensor, for the noise cache's flat slots.
         self._offsets: dict[str, int] = {}
         offset = 0
         for name in self.names:
             self._offsets[name] = offset
             offset += self.master[name].numel()
+        # Noise of this rank's own members, kept from evaluation to the update so it is not
+        # generated twice, in flat buffers reused across iterations (count set by a byte
+        # budget). Cached or generated again, the values are the same.
         self._slots_max = noise_cache_bytes // (4 * self.numel)
         self._slots: list[torch.Tensor] = []
         self._cache: dict[int, torch.Tensor] = {}  # member seed -> filled slot
+        # Targets that are not tensors (int8 layers) take a whole fp32 tensor at once.
+        self._whole_targets = [
+            n for n in self.names if not isinstance(self.eval_params[n], torch.Tensor)
+        ]
+        self._whole_buf: torch.Tensor | None = None
         # es.mode lowrank: the perturbations are B A^T / sqrt(r) (see lowrank.py)
         self.lowrank: LowRankNoise | None = None
         self.update_norm_ratio = 0.0  # of the latest update
 
     def use_lowrank(self, rank: int, perturb_vectors: bool) -> LowRankNoise:
         shapes = {name: t.shape for name, t in self.master.items()}
-        self.lowrank = LowRankNoise(shapes, rank, perturb_vectors, self._noise_buf.device)
+        self.lowrank = LowRankNoise(shapes, rank, perturb_vectors, self.device)
         self._slots_max = 0  # low-rank factors are cheap to draw again
         return self.lowrank
 
-    def _scratch(self, buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return buf[: like.numel()].view(like.shape)
+    def _run(self, work, items: list) -> list:
+        """work(lane, item) for every item, lanes taking items round-robin; results in order."""
+        if self._pool is None:
+            return [work(self._lanes[0], item) for item in items]
+        n = len(self._lanes)
 
-    def _view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
-        like = self.master[name]
-        start = self._offsets[name]
-        return flat[start : start + like.numel()].view(like.shape)
+        def lane_job(k: int) -> list:
+            return [work(self._lanes[k], item) for item in items[k::n]]
+
+        per_lane = list(self._pool.map(lane_job, range(n)))
+        out = [None] * len(items)
+        for k, results in enumerate(per_lane):
+            out[k::n] = results
+        return out
 
     def _free_slot(self) -> torch.Tensor | None:
         if len(self._cache) < len(self._slots):
             return self._slots[len(self._cache)]
         if len(self._slots) < self._slots_max:
-            self._slots.append(
-                torch.empty(self.numel, dtype=torch.float32, device=self._noise_buf.device)
-            )
+            self._slots.append(torch.empty(self.numel, dtype=torch.float32, device=self.device))
             return self._slots[-1]
         return None
 
-    def _noise(self, member_seed: int, name: str) -> torch.Tensor:
-        """eps(member_seed) of one tensor: from the cache, or generated into scratch."""
+    def _noise(
+        self, lane: Lane, piece: Piece, member_seed: int, slot: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """eps(member_seed) of one piece, flat: from the cache, else drawn into `slot` (to
+        be cached) or into the lane's scratch."""
+        begin = self._offsets[piece.name]
         cached = self._cache.get(member_seed)
-        if cached is not None:
-            return self._view(cached, name)
-        eps = self._scratch(self._noise_buf, self.master[name])
-        return self.noise.fill(eps, member_seed, name)
+        if cached is not None:  # filled when this member was evaluated
+            return cached[begin + piece.start : begin + piece.stop]
+        if slot is not None:
+            out = slot[begin + piece.start : begin + piece.stop]
+        else:
+            out = lane.noise[: piece.stop - piece.start]
+        return lane.source.fill(out, member_seed, piece.name, piece.chunk)
 
     def clear_noise_cache(self) -> None:
         self._cache.clear()
 
     def materialise(self, member_seed: int, sign: int, sigma: float) -> None:
-        """eval copy <- master + sign * sigma * eps(member_seed), tensor by tensor."""
+        """eval copy <- master + sign * sigma * eps(member_seed), rounded once to its dtype."""
         if self.lowrank is not None:
             return self._materialise_lowrank(member_seed, sign, sigma)
         slot = None if member_seed in self._cache else self._free_slot()
-        for name in self.names:
-            if self.scales[name] == 0.0:  # frozen (es.perturb_only): eval copy == master
-                continue
-            master, target = self.master[name], self.eval_params[name]
-            if slot is None:
-                eps = self._noise(member_seed, name)
-            else:
-                eps = self.noise.fill(self._view(slot, name), member_seed, name)
-            step = sign * sigma * self.scales[name]
-            if target.dtype == torch.float32:
-                torch.add(master, eps, alpha=step, out=target)
-            else:  # round once, from the fp32 sum held in the (idle) accumulator scratch
-                fp32_sum = self._scratch(self._acc_buf, master)
-                target.copy_(torch.add(master, eps, alpha=step, out=fp32_sum))
+
+        def work(lane: Lane, piece: Piece) -> None:
+            scale = self.scales[piece.name]
+            target = self.eval_params[piece.name]
+            if scale == 0.0 or not isinstance(target, torch.Tensor):
+                return  # frozen (eval copy == master), or an int8 layer (below)
+            eps = self._noise(lane, piece, member_seed, slot)
+            master = self.master[piece.name].view(-1)[piece.start : piece.stop]
+            # computed in fp32 and rounded once into the target's dtype (one fused pass)
+            out = target.view(-1)[piece.start : piece.stop]
+            torch.add(master, eps, alpha=sign * sigma * scale, out=out)
+
+        self._run(work, self.pieces)
+        for name in self._whole_targets:
+            if self.scales[name] != 0.0:
+                self.eval_params[name].copy_(self._whole_sum(name, member_seed, sign * sigma, slot))
         if slot is not None:
             self._cache[member_seed] = slot
+
+    def _whole_sum(
+        self, name: str, member_seed: int, step: float, slot: torch.Tensor | None
+    ) -> torch.Tensor:
+        """master + step * scale * eps of one whole tensor in fp32 (for int8 layers)."""
+        master = self.master[name]
+        if self._whole_buf is None:
+            size = max(self.master[n].numel() for n in self._whole_targets)
+            self._whole_buf = torch.empty(size, dtype=torch.float32, device=self.device)
+        out = self._whole_buf[: master.numel()]
+        for piece in (p for p in self.pieces if p.name == name):
+            eps = self._noise(self._lanes[0], piece, member_seed, slot)
+            torch.add(
+                master.view(-1)[piece.start : piece.stop],
+                eps,
+                alpha=step * self.scales[name],
+                out=out[piece.start : piece.stop],
+            )
+        return out.view(master.shape)
 
     def _materialise_lowrank(self, member_seed: int, sign: int, sigma: float) -> None:
         for name in self.names:
@@ -138,32 +218,46 @@ class MasterWeights:
             self.eval_params[name].copy_(self.master[name])
 
     def apply_update(self, coefficients: list[tuple[int, float]]) -> None:
-        """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per tensor, in order.
+        """master += scale * sum_k coef_k * eps(seed_k), summed in fp32 per element in the
+        order of `coefficients` (the same on every rank).
 
         Also sets `update_norm_ratio` = |update| / |master after the update| (a metric)."""
-        update_norms, master_norms = [], []  # kept as tensors: one device sync at the end
-        for name in self.names:
-            master = self.master[name]
-            acc = self._update_of(name, coefficients)
-            if acc is not None:
-                master.add_(acc, alpha=self.scales[name])
-                update_norms.append(torch.linalg.vector_norm(acc) * abs(self.scales[name]))
-            master_norms.append(torch.linalg.vector_norm(master))
-        update = float(torch.linalg.vector_norm(torch.stack(update_norms))) if update_norms else 0.0
-        weights = float(torch.linalg.vector_norm(torch.stack(master_norms)))
-        self.update_norm_ratio = update / weights if weights else 0.0
+        if self.lowrank is not None:
+            squares = [self._update_lowrank(name, coefficients) for name in self.names]
+        else:
+            squares = self._run(
+                lambda lane, piece: self._update_piece(lane, piece, coefficients), self.pieces
+            )
+        # one device sync for the metric
+        update_sq, master_sq = torch.stack([torch.stack(s) for s in squares]).sum(dim=0).tolist()
+        self.update_norm_ratio = (update_sq / master_sq) ** 0.5 if master_sq else 0.0
         self.clear_noise_cache()
 
-    def _update_of(self, name: str, coefficients: list[tuple[int, float]]) -> torch.Tensor | None:
-        """sum_k coef_k * eps(seed_k) of one tensor (None: nothing to add)."""
-        if not coefficients or self.scales[name] == 0.0:
-            return None
-        if self.lowrank is not None:
-            return self.lowrank.weighted_sum(name, coefficients)
-        acc = self._scratch(self._acc_buf, self.master[name]).zero_()
-        for seed, coef in coefficients:
-            acc.add_(self._noise(seed, name), alpha=coef)
-        return acc
+    def _update_piece(
+        self, lane: Lane, piece: Piece, coefficients: list[tuple[int, float]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One piece of the update; returns (|update|^2, |master|^2) of the piece (float64)."""
+        master = self.master[piece.name].view(-1)[piece.start : piece.stop]
+        scale = self.scales[piece.name]
+        update_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        if coefficients and scale != 0.0:
+            acc = lane.acc[: piece.stop - piece.start].zero_()
+            for seed, coef in coefficients:
+                acc.add_(self._noise(lane, piece, seed), alpha=coef)
+            master.add_(acc, alpha=scale)
+            update_sq = (torch.linalg.vector_norm(acc).double() * abs(scale)) ** 2
+        return update_sq, torch.linalg.vector_norm(master).double() ** 2
+
+    def _update_lowrank(
+        self, name: str, coefficients: list[tuple[int, float]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        master = self.master[name]
+        update_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        acc = self.lowrank.weighted_sum(name, coefficients) if self.scales[name] else None
+        if acc is not None:
+            master.add_(acc, alpha=self.scales[name])
+            update_sq = (torch.linalg.vector_norm(acc).double() * abs(self.scales[name])) ** 2
+        return update_sq, torch.linalg.vector_norm(master).double() ** 2
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.master)
@@ -175,23 +269,35 @@ class MasterWeights:
         for name in self.names:
             self.master[name].copy_(state[name])
 
+    def load_file(self, path: Path) -> None:
+        """Master <- a checkpoint file, read tensor by tensor in chunks into place."""
+        names = set(tensorfile.float_tensor_names(path))
+        if names != set(self.names):
+            raise ValueError(
+                f"'{path}': tensors do not match the model: {sorted(names ^ set(self.names))[:5]}"
+            )
+        tensorfile.read_into(path, self.master)
+
     def checksum(self) -> str:
-        return weights_checksum(self.master)
+        """The master's fingerprint of this run's kind (fingerprint.py), computed in place."""
+        return fingerprint(self.master, self.fingerprint_kind)
 
 
 def per_tensor_std(master: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each tensor's weight std (float64): sigma and alpha scales for es.sigma_scale."""
-    return {
-        name: float(t.double().std()) if t.numel() > 1 else float(t.double().abs().sum())
-        for name, t in master.items()
-    }
+    """Each tensor's weight std (sample std, float64 sums over chunks of CHUNK_ELEMENTS, so
+    no float64 copy of a whole tensor): sigma and alpha scales for es.sigma_scale."""
+    out = {}
+    for name, t in master.items():
+        chunks = t.detach().reshape(-1).split(CHUNK_ELEMENTS)
+        if t.numel() == 1:
+            out[name] = abs(float(t))
+            continue
+        mean = sum(float(c.double().sum()) for c in chunks) / t.numel()
+        square = sum(float(((c.double() - mean) ** 2).sum()) for c in chunks)
+        out[name] = (square / (t.numel() - 1)) ** 0.5
+    return out
 
 
 def weights_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, shapes and the raw fp32 bytes of every tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return fingerprint({k: v.float() for k, v in tensors.items()}, "sha256")

@@ -20,6 +20,11 @@ from .errors import RunLogError
 
 FORMAT = "es-mpi-runlog-1"
 LOG_NAME = "run.h5"
+# Version 2 names the noise streams (noise.py) and the per-iteration fingerprint
+# (fingerprint.py) in attributes; a log without them is version 1, whose kinds these are.
+LOG_VERSION = 2
+KINDS = {"noise": "chunked", "fingerprint": "sums"}
+VERSION_1_KINDS = {"noise": "tensor", "fingerprint": "sha256"}
 
 # Per-iteration scalar columns: name -> dtype.
 SCALARS = {
@@ -38,6 +43,7 @@ SCALARS = {
     "time_perturb": "f8",
     "time_communicate": "f8",
     "time_update": "f8",
+    "time_fingerprint": "f8",
     "time_iteration": "f8",
     "wall_clock": "f8",
 }
@@ -76,6 +82,14 @@ class LogData:
     @property
     def iterations_done(self) -> int:
         return len(self.checksums)
+
+    @property
+    def noise_kind(self) -> str:
+        return str(self.attrs.get("noise", VERSION_1_KINDS["noise"]))
+
+    @property
+    def fingerprint_kind(self) -> str:
+        return str(self.attrs.get("fingerprint", VERSION_1_KINDS["fingerprint"]))
 
 
 def _attr_str(value) -> str:
@@ -127,6 +141,8 @@ class RunLog:
                     "iterations_done": 0,
                     "heldout_done": 0,
                     "sessions": json.dumps([]),
+                    "log_version": LOG_VERSION,
+                    **KINDS,
                     **(extra_attrs or {}),
                 }
             )

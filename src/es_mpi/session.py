@@ -89,7 +89,15 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
     if log is not None:
         log.set_attrs(sigma_scales=json.dumps(engine.weights.scales))
-        log.add_session({"command": "train", "start": 0, "ranks": comm.size, "time": time.time()})
+        log.add_session(
+            {
+                "command": "train",
+                "start": 0,
+                "ranks": comm.size,
+                "time": time.time(),
+                "load_seconds": engine.load_seconds,
+            }
+        )
     Trainer(engine, make_task(cfg.task), run_dir, log).run(start=0)
     return engine.weights
 
@@ -154,6 +162,7 @@ def resume_run(
                 "ranks": comm.size,
                 "from_checkpoint": from_checkpoint,
                 "time": time.time(),
+                "load_seconds": engine.load_seconds,
             }
         )
         print(

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .checkpoint import list_checkpoints, load_checkpoint
+from .checkpoint import list_checkpoints
 from .config_load import config_from_dict
-from .perturb import weights_checksum
 from .runlog import LOG_NAME, LogData, RunLog
+from .tensorfile import file_fingerprint
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -60,6 +60,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "seconds_per_iteration_median": float(np.median(cols["time_iteration"])) if done else None,
         "training_minutes": float(np.sum(cols["time_iteration"]) / 60) if done else 0.0,
         "last_checksum": data.checksums[-1] if done else None,
+        "log_kinds": f"noise {data.noise_kind}, fingerprint {data.fingerprint_kind}",
         "log_integrity": log.integrity(),
         "checkpoints": {k: _checkpoint_state(path, data, k) for k, path in checkpoints},
         "final_present": (run_dir / "final" / "model.safetensors").is_file(),
@@ -79,7 +80,7 @@ def _checkpoint_state(path: Path, data: LogData, k: int) -> str:
     if k > data.iterations_done:
         return "beyond the log"
     try:
-        ok = weights_checksum(load_checkpoint(path)) == data.checksums[k - 1]
+        ok = file_fingerprint(path, data.fingerprint_kind) == data.checksums[k - 1]
     except Exception as exc:  # noqa: BLE001 - report any unreadable file, keep going
         return f"unreadable ({type(exc).__name__})"
     return "checksum ok" if ok else "CHECKSUM MISMATCH"

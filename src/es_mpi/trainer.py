@@ -121,6 +121,7 @@ class Trainer:
         shaped = apply_es_update(self.weights, population, rewards, es, iteration)
         t_updated = time.perf_counter()
         checksum = self.agreed_checksum(iteration)
+        t_fingerprinted = time.perf_counter()
         metrics = {
             "alpha": alpha,
             "sigma": sigma,
@@ -133,6 +134,7 @@ class Trainer:
             "perturb": t_perturb,
             "communicate": t_gathered - t_evaluated,
             "update": t_updated - t_gathered,
+            "fingerprint": t_fingerprinted - t_updated,
             "iteration": time.perf_counter() - t_start,
         }
         return IterationRecord(
@@ -160,8 +162,9 @@ class Trainer:
         )
 
     def agreed_checksum(self, iteration: int) -> str:
-        """sha256 of the master on rank 0; every runtime.verify_every iterations each rank
-        computes it and all must agree (replicas that drifted apart stop the job)."""
+        """The master's fingerprint on rank 0 (fingerprint.py); every runtime.verify_every
+        iterations each rank computes it and all must agree (replicas that drifted apart stop
+        the job)."""
         every = self.cfg.runtime.verify_every
         if not (every and (iteration + 1) % every == 0):
             return self.weights.checksum() if self.comm.is_main else ""

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import list_checkpoints, load_checkpoint
+from .checkpoint import list_checkpoints
 from .comm import Comm
 from .config import Config, ConfigError, ESConfig, multiplier_for, parse_scale_multipliers
 from .engine import Engine
 from .errors import ReplayMismatch
-from .perturb import MasterWeights, per_tensor_std, weights_checksum
+from .perturb import MasterWeights, per_tensor_std
 from .runlog import LogData
 from .strategy import Population, scheduled, shape_rewards, update_coefficients
+from .tensorfile import file_fingerprint
 
 
 def load_replica(
@@ -26,7 +27,12 @@ def load_replica(
 ) -> Engine:
     """A rank's model replica and master weights with their per-tensor scales (the logged ones
     when `data` is a run's log)."""
-    engine = Engine.load(cfg, comm, model_path=model_path)
+    kinds = (
+        {}
+        if data is None
+        else {"noise_kind": data.noise_kind, "fingerprint_kind": data.fingerprint_kind}
+    )
+    engine = Engine.load(cfg, comm, model_path=model_path, **kinds)
     engine.weights.scales = sigma_scales(cfg, engine.weights, data)
     return engine
 
@@ -104,16 +110,26 @@ def restore_master(
     weights: MasterWeights, cfg: Config, data: LogData, run_dir: Path, upto: int | None = None
 ) -> int:
     """Bring the master weights to iteration `upto` (default: the end of the log): the newest
-    checksum-valid checkpoint at or before it, then replay. Returns the checkpoint used."""
+    checkpoint at or before it whose fingerprint matches the log, then replay. Returns the
+    checkpoint used. A checkpoint is checked as a stream and read into place, so this needs
+    no memory beyond the master."""
     done = data.iterations_done if upto is None else upto
     start = 0
     for k, path in reversed(list_checkpoints(run_dir)):
-        if 0 < k <= done:
-            state = load_checkpoint(path)
-            if weights_checksum(state) == data.checksums[k - 1]:  # else damaged or foreign
-                weights.load_state_dict(state)
-                start = k
-                break
+        if 0 < k <= done and checkpoint_matches(path, data, k):
+            weights.load_file(path)
+            start = k
+            break
     if done > start:
         replay_rows(weights, cfg, data, start, done, verify_each=False)
     return start
+
+
+def checkpoint_matches(path: Path, data: LogData, iterations_done: int) -> bool:
+    """Does the checkpoint hold the weights the log recorded after `iterations_done`
+    iterations? False also for a damaged or unreadable file."""
+    try:
+        found = file_fingerprint(path, data.fingerprint_kind)
+    except (OSError, ValueError, KeyError):
+        return False
+    return found == data.checksums[iterations_done - 1]
