@@ -9,7 +9,7 @@ PYTEST_MPI := -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-serial test-mpi run bench bench-learning bench-paper lint model fixtures \
+.PHONY: install test test-serial test-mpi run bench bench-learning bench-paper bench-scale lint model fixtures \
 	pretrain-model paper-data clean
 
 install: $(VENV)/.installed
@@ -44,6 +44,11 @@ bench: install
 # Every configs/paper/*.yaml for 2 iterations on each chat fixture, 1 rank against RANKS.
 bench-paper: install
 	$(PY) benchmarks/paper_configs.py --ranks $(RANKS)
+
+# Cost per rank from 0.17M to 0.5B parameters: random models of real configurations (built
+# under runs/scale-models on first use, 1.5 GB), 1 and 2 ranks; table and PNG in bench-results/.
+bench-scale: install
+	$(PY) benchmarks/scale.py
 
 # Held-out accuracy of the default against wall time for 3 run seeds (30 minutes on 2 cores).
 bench-learning: install

@@ -1,5 +1,6 @@
-"""Random models with real configurations for `benchmarks/scale.py` (bf16 safetensors, the
-Qwen2 chat fixture's tokenizer: its ids fit every vocabulary here).
+"""Random models with real configurations for `benchmarks/scale.py` (bf16 safetensors), with a
+character tokenizer padded to the model's vocabulary size by placeholder tokens `<xN>`: every
+id a random model emits decodes to text, so rewards on the text differ between members.
 
 Weights are N(0, 0.02) from a fixed seed, norms 1, biases 0: the cost of ES depends on the
 shapes, not on what the weights have learned.
@@ -7,14 +8,19 @@ shapes, not on what the weights have learned.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_FROM = ROOT / "models" / "qwen2-tiny-chat"
+from es_mpi.tiny_model import CHARS, SPECIALS
 
 # name -> (model class, config class, config fields): dimensions of published models.
 SPECS = {
@@ -59,7 +65,13 @@ def build_random_model(name: str, out: Path, seed: int = 0) -> Path:
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
     model_cls, config_cls, fields = SPECS[name]
-    config = config_cls(pad_token_id=0, bos_token_id=None, eos_token_id=0, **fields)
+    tokenizer = padded_char_tokenizer(fields["vocab_size"])
+    config = config_cls(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **fields,
+    )
     with torch.device("meta"):
         model = model_cls(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
@@ -76,6 +88,24 @@ def build_random_model(name: str, out: Path, seed: int = 0) -> Path:
     model.config.dtype = torch.bfloat16
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER_FROM / file, out / file)
+    tokenizer.save_pretrained(str(out))
     return out
+
+
+def padded_char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """tiny_model's character tokenizer with placeholders up to `vocab_size` ids."""
+    words = SPECIALS + CHARS
+    words += [f"<x{i}>" for i in range(vocab_size - len(words))]
+    backend = Tokenizer(
+        models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )

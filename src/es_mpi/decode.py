@@ -57,17 +57,63 @@ def fast_decode_problem(model: nn.Module) -> str | None:
     return None
 
 
+def _stack_storage(linears: list[nn.Linear]) -> list[nn.Parameter]:
+    """Give `linears` (same input width, dtype, device) weights that are consecutive row
+    blocks of one tensor, so their fused product reads that tensor without a copy."""
+    weights = [m.weight for m in linears]
+    fused = torch.cat([w.detach() for w in weights])
+    start, params = 0, []
+    for module, w in zip(linears, weights, strict=True):
+        module.weight = nn.Parameter(fused[start : start + w.shape[0]], requires_grad=False)
+        params.append(module.weight)
+        start += w.shape[0]
+    return params
+
+
+def fuse_weight_storage(model: nn.Module) -> set[int]:
+    """Where the fast decoder applies: q/k/v and gate/up of every layer share one storage
+    each (same values; done at load, before the master weights are attached to the
+    parameters), so it fuses them without copying weights at every call. Returns the ids of
+    the new parameters (empty where it does not apply)."""
+    if fast_decode_problem(model) is not None:
+        return set()
+    new = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        new += _stack_storage([attn.q_proj, attn.k_proj, attn.v_proj])
+        new += _stack_storage([mlp.gate_proj, mlp.up_proj])
+    return {id(p) for p in new}
+
+
+def _fused(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The row blocks as one matrix: a view when they are consecutive in one storage (see
+    fuse_weight_storage), else a concatenated copy."""
+    first = weights[0]
+    rows = sum(w.shape[0] for w in weights)
+    offset = first.storage_offset()
+    consecutive = all(w.is_contiguous() for w in weights)
+    for w in weights:
+        consecutive &= (
+            w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and w.storage_offset() == offset
+        )
+        offset += w.numel()
+    if consecutive:
+        return first.as_strided((rows, first.shape[1]), first.stride())
+    return torch.cat(weights)
+
+
 class _Layer:
     """One decoder layer's weights for this call: q/k/v and gate/up fused into one matrix."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        self.qkv = _fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         self.qkv_bias = None if biases[0] is None else torch.cat(biases).float()
         self.o = attn.o_proj.weight
         self.o_bias = attn.o_proj.bias
-        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.gate_up = _fused([mlp.gate_proj.weight, mlp.up_proj.weight])
         self.down = mlp.down_proj.weight
         self.norm_in = layer.input_layernorm.weight.float()
         self.norm_post = layer.post_attention_layernorm.weight.float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import time
@@ -13,7 +14,14 @@ import torch
 from .checkpoint import replace_dir
 from .comm import Comm
 from .config import Config
-from .modelio import load_model, load_tokenizer, model_class, read_fp32_weights, save_hf_dir
+from .modelio import (
+    load_model,
+    load_tokenizer,
+    model_class,
+    read_fp32_weights,
+    read_weights_into,
+    save_hf_dir,
+)
 from .perturb import MasterWeights
 from .quant import quantise_linears
 
@@ -83,9 +91,14 @@ class Engine:
 
     def load_base_copy(self) -> torch.nn.Module:
         """An untouched copy of the base model in the evaluation dtype (float32 for int8),
-        e.g. the reference for KL."""
-        dtype = self.cfg.model.eval_dtype
-        return load_model(self.model_path, "float32" if dtype == "int8" else dtype, self.device)
+        e.g. the reference for KL: the evaluation copy's structure, filled from the weight
+        files a chunk at a time (loading it anew would hold the mapped file as well)."""
+        if self.cfg.model.eval_dtype == "int8":
+            return load_model(self.model_path, "float32", self.device)
+        base = copy.deepcopy(self.model)
+        if not read_weights_into(self.model_path, dict(base.named_parameters())):
+            raise RuntimeError(f"'{self.model_path}': weight names differ from the model's")
+        return base
 
     @classmethod
     def load(
@@ -105,7 +118,7 @@ class Engine:
         t_start = time.perf_counter()
         int8 = cfg.model.eval_dtype == "int8"
         load_dtype = "float32" if int8 else cfg.model.eval_dtype
-        model = load_model(path, load_dtype, device, architecture, config)
+        model = load_model(path, load_dtype, device, architecture, config, fuse=not int8)
         master, int8_targets = None, {}
         if int8:  # fp32 master first, then the Linear weights become int8
             master = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from . import tensorfile  # noqa: E402
 from .config import ConfigError  # noqa: E402
+from .decode import fuse_weight_storage  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -80,7 +81,11 @@ def model_class(path: str | Path):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config
 
 
-def load_model(path: str | Path, dtype: str, device: torch.device, cls=None, config=None):
+def load_model(
+    path: str | Path, dtype: str, device: torch.device, cls=None, config=None, fuse: bool = False
+):
+    """The model at `path` in `dtype` on `device`, in memory of its own (not views of the
+    weights file). `fuse`: q/k/v and gate/up share one storage each (decode.py)."""
     if cls is None:
         cls, config = model_class(path)
     # device_map (needs accelerate): the weights go from the file straight to their device
@@ -89,30 +94,59 @@ def load_model(path: str | Path, dtype: str, device: torch.device, cls=None, con
     model = cls.from_pretrained(
         str(path), config=config, dtype=DTYPES[dtype], local_files_only=True, **placement
     )
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    # fused first: its tensors are new memory, so nothing is copied twice
+    fused = fuse_weight_storage(model) if fuse else set()
+    if torch.device(device).type == "cpu":
+        own_memory(model, skip=fused)
+    return model
 
 
-def read_fp32_weights(
-    path: str | Path, names: list[str], device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor] | None:
-    """The named tensors of a model directory's *.safetensors files as float32 on `device`,
-    each allocated once and filled a chunk at a time (tensorfile.py: no whole-file mmap, no
-    second copy of any tensor).
+def own_memory(model: torch.nn.Module, skip: set[int] = frozenset()) -> None:
+    """Copy parameters that may still be views of the memory-mapped weights file into memory
+    of their own. A written mmapped page becomes a private copy, but every page read stays
+    counted in the process's resident memory while any tensor keeps the mapping alive: the
+    evaluation copy would cost its size twice. Tied parameters are one Parameter: copied once."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in skip:
+                p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
 
-    Returns None when a name is missing from the files (a checkpoint with other key names).
-    """
+
+def _tensor_files(path: str | Path) -> dict[str, tuple[Path, list[int]]]:
+    """name -> (file, shape) of every float tensor in a model directory's *.safetensors."""
     where: dict[str, tuple[Path, list[int]]] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         entries, _, _ = tensorfile.read_header(file)
         for key in tensorfile.float_tensor_names(file):
             where[key] = (file, entries[key]["shape"])
+    return where
+
+
+def read_weights_into(path: str | Path, targets: dict[str, torch.Tensor]) -> bool:
+    """Fill `targets` (any dtype and device) from a model directory's *.safetensors files a
+    chunk at a time (tensorfile.py: no whole-file mmap, no second copy of any tensor).
+    Returns False, filling nothing, when a name is missing from the files."""
+    where = _tensor_files(path)
+    if not targets.keys() <= where.keys():
+        return False
+    for file in sorted({where[name][0] for name in targets}):
+        tensorfile.read_into(file, {n: t for n, t in targets.items() if where[n][0] == file})
+    return True
+
+
+def read_fp32_weights(
+    path: str | Path, names: list[str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor] | None:
+    """The named tensors of a model directory as float32 on `device`, each allocated once and
+    read into place. None when a name is missing from the files (other key names)."""
+    where = _tensor_files(path)
     if not set(names) <= where.keys():
         return None
-    found = {
-        name: torch.empty(where[name][1], dtype=torch.float32, device=device) for name in names
-    }
-    for file in sorted({where[name][0] for name in names}):
-        tensorfile.read_into(file, {n: t for n, t in found.items() if where[n][0] == file})
+    found = {n: torch.empty(where[n][1], dtype=torch.float32, device=device) for n in names}
+    read_weights_into(path, found)
     return found
 
 

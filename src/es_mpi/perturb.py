@@ -173,9 +173,14 @@ class MasterWeights:
                 return  # frozen (eval copy == master), or an int8 layer (below)
             eps = self._noise(lane, piece, member_seed, slot)
             master = self.master[piece.name].view(-1)[piece.start : piece.stop]
-            # computed in fp32 and rounded once into the target's dtype (one fused pass)
             out = target.view(-1)[piece.start : piece.stop]
-            torch.add(master, eps, alpha=sign * sigma * scale, out=out)
+            if out.dtype == torch.float32:
+                torch.add(master, eps, alpha=sign * sigma * scale, out=out)
+            else:  # the fp32 sum in the idle accumulator, then rounded once. (An fp32 sum
+                # written straight into a bf16 `out` allocates a temporary per call: slower,
+                # and each lane's allocator arena keeps them.)
+                fp32_sum = lane.acc[: piece.stop - piece.start]
+                out.copy_(torch.add(master, eps, alpha=sign * sigma * scale, out=fp32_sum))
 
         self._run(work, self.pieces)
         for name in self._whole_targets:
@@ -284,11 +289,11 @@ class MasterWeights:
 
 
 def per_tensor_std(master: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each tensor's weight std (sample std, float64 sums over chunks of CHUNK_ELEMENTS, so
+    """Each tensor's weight std (sample std, float64 sums over chunks of 2^18 elements, so
     no float64 copy of a whole tensor): sigma and alpha scales for es.sigma_scale."""
     out = {}
     for name, t in master.items():
-        chunks = t.detach().reshape(-1).split(CHUNK_ELEMENTS)
+        chunks = t.detach().reshape(-1).split(1 << 18)
         if t.numel() == 1:
             out[name] = abs(float(t))
             continue
