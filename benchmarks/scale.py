@@ -165,6 +165,12 @@ def per_parameter_costs(numel: int, repeats: int) -> dict[str, dict[str, float]]
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
+        fingerprint(master, "sha256")
+        times.append(time.perf_counter() - t0)
+    out["fingerprint (sha256, older logs)"] = times
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         torch.randn(numel)
         times.append(time.perf_counter() - t0)
     out["torch.randn (reference)"] = times

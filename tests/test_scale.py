@@ -208,3 +208,23 @@ def test_a_log_written_before_the_kinds_resumes_in_its_own_kinds(tmp_path):
     assert fingerprint(load_file(str(run_dir / "final" / "model.safetensors")), "sha256") == last
     replayed = run_cli(["replay", "--run-dir", str(run_dir), "--out", str(tmp_path / "r")])
     assert replayed.returncode == 0, replayed.stderr
+
+
+def test_kl_base_copy_is_the_base_in_the_evaluation_dtype():
+    """Built from the evaluation copy's structure and the weight files: the base model's
+    values, in bfloat16, and independent of the (perturbed) evaluation copy."""
+    from es_mpi.comm import Comm
+    from es_mpi.config_load import load_config
+    from es_mpi.engine import Engine
+    from es_mpi.modelio import load_model
+
+    path = ROOT / "models" / "qwen2-tiny-chat"
+    cfg = load_config(None, [f"model.path={path}", "model.eval_dtype=bfloat16"])
+    engine = Engine.load(cfg, Comm.serial())
+    engine.weights.materialise(5, 1, 0.5)
+    base = engine.load_base_copy()
+    fresh = dict(load_model(path, "bfloat16", torch.device("cpu")).named_parameters())
+    for name, p in base.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, fresh[name])
+        assert p.data_ptr() != engine.model.get_parameter(name).data_ptr()
+    assert not torch.equal(base.model.embed_tokens.weight, engine.model.model.embed_tokens.weight)
