@@ -156,24 +156,17 @@ def per_parameter_costs(numel: int, repeats: int) -> dict[str, dict[str, float]]
             times.append((time.perf_counter() - t0) / (1 if what == "m" else 2))
         out[label] = times[1:]
         del weights
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fingerprint(master, "sums")
-        times.append(time.perf_counter() - t0)
-    out["fingerprint (sums)"] = times
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fingerprint(master, "sha256")
-        times.append(time.perf_counter() - t0)
-    out["fingerprint (sha256, older logs)"] = times
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.randn(numel)
-        times.append(time.perf_counter() - t0)
-    out["torch.randn (reference)"] = times
+    for label, work in (
+        ("fingerprint (sums)", lambda: fingerprint(master, "sums")),
+        ("fingerprint (sha256, older logs)", lambda: fingerprint(master, "sha256")),
+        ("torch.randn (reference)", lambda: torch.randn(numel)),
+    ):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        out[label] = times
     return {
         k: {"min": 1e9 * min(v) / numel, "median": 1e9 * statistics.median(v) / numel}
         for k, v in out.items()

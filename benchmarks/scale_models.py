@@ -11,16 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
-from es_mpi.tiny_model import CHARS, SPECIALS
+from es_mpi.tiny_model import char_tokenizer
 
 # name -> (model class, config class, config fields): dimensions of published models.
 SPECS = {
@@ -65,7 +63,7 @@ def build_random_model(name: str, out: Path, seed: int = 0) -> Path:
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
     model_cls, config_cls, fields = SPECS[name]
-    tokenizer = padded_char_tokenizer(fields["vocab_size"])
+    tokenizer = char_tokenizer(pad_to=fields["vocab_size"])
     config = config_cls(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -90,22 +88,3 @@ def build_random_model(name: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
-
-
-def padded_char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """tiny_model's character tokenizer with placeholders up to `vocab_size` ids."""
-    words = SPECIALS + CHARS
-    words += [f"<x{i}>" for i in range(vocab_size - len(words))]
-    backend = Tokenizer(
-        models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>")
-    )
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="left",
-    )

@@ -19,10 +19,12 @@ CHARS = list("0123456789+-*/()=<>,.:? \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 
-def char_tokenizer(tag_tokens: bool = False) -> PreTrainedTokenizerFast:
+def char_tokenizer(tag_tokens: bool = False, pad_to: int = 0) -> PreTrainedTokenizerFast:
     """One token per character (and per Countdown tag with `tag_tokens`); decode concatenates
-    (no spaces inserted)."""
+    (no spaces inserted). `pad_to`: placeholder tokens `<xN>` up to that many ids, so every
+    id of a bigger random model decodes to text (benchmarks/scale_models.py)."""
     words = SPECIALS + CHARS + (TAGS if tag_tokens else [])
+    words += [f"<x{i}>" for i in range(pad_to - len(words))]
     vocab = {tok: i for i, tok in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tags = "|".join(re.escape(t) for t in TAGS) + "|" if tag_tokens else ""
