@@ -9,7 +9,8 @@ PYTEST_MPI := -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-serial test-mpi run bench bench-learning bench-paper bench-scale lint model fixtures \
+.PHONY: install install-rl test test-serial test-mpi run bench bench-learning bench-paper \
+	bench-scale bench-rl lint model fixtures \
 	pretrain-model paper-data clean
 
 install: $(VENV)/.installed
@@ -21,10 +22,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# The GRPO baseline's optional dependencies (TRL).
+install-rl: $(VENV)/.installed-rl
+
+$(VENV)/.installed-rl: requirements-rl.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-rl.txt
+	touch $@
+
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: test-serial test-mpi
 
-test-serial: install
+test-serial: install install-rl
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 test-mpi: install
@@ -49,6 +57,13 @@ bench-paper: install
 # under runs/scale-models on first use, 1.5 GB), 1 and 2 ranks; table and PNG in bench-results/.
 bench-scale: install
 	$(PY) benchmarks/scale.py
+
+# ES (2 ranks) against GRPO (TRL, 2 threads): same task, base, reward, held-out and training
+# time; 3 seeds x 10 minutes x 2 methods on the default, then 3 x 5 on conciseness (reward-KL).
+bench-rl: install install-rl
+	$(PY) benchmarks/es_vs_grpo.py --config configs/default.yaml --minutes 10
+	$(PY) benchmarks/es_vs_grpo.py --config configs/conciseness.yaml --minutes 5 \
+		--out bench-results/es-vs-grpo-conciseness
 
 # Held-out accuracy of the default against wall time for 3 run seeds (30 minutes on 2 cores).
 bench-learning: install

@@ -117,3 +117,13 @@ def test_a_config_extends_another_section_by_section(tmp_path):
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """YAML 1.1 reads 1e-4 as a string; a float field takes it as the number."""
+    from es_mpi.config_load import load_config
+
+    cfg = load_config(None, ["grpo.learning_rate=1e-4", "es.sigma=2E-3"])
+    assert cfg.grpo.learning_rate == 1e-4 and cfg.es.sigma == 2e-3
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(None, ["es.sigma=1e"])

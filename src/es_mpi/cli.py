@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", type=Path, required=True, help="HF directory to write")
     x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
+    g = sub.add_parser("grpo", help="GRPO baseline (TRL) on a config's model and task, 1 process")
+    g.add_argument("--config", type=Path, help="YAML config (its grpo section sets GRPO)")
+    g.add_argument("--out", type=Path, required=True, help="directory for grpo.json")
+    g.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    g.add_argument("--eval-seconds", type=float, default=30.0, help="held-out every S seconds")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     pt = sub.add_parser("pretrain", help="pretrain the tiny base model on generated Countdown")
     _pretrain_arguments(pt)
 
@@ -207,6 +214,20 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _grpo(args: argparse.Namespace) -> None:
+    from .config_load import load_config
+    from .grpo import train_grpo
+
+    cfg = load_config(args.config, args.set)
+    curve = train_grpo(cfg, args.out, args.minutes, args.eval_seconds)
+    first, last = curve.points[0], curve.points[-1]
+    print(
+        f"grpo: held-out accuracy {100 * first['accuracy']:.1f}% -> {100 * last['accuracy']:.1f}% "
+        f"in {last['seconds']:.0f} s ({last['step']} steps, {last['completions']} completions); "
+        f"curve in {args.out / 'grpo.json'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train" and args.help_config:
@@ -241,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"es-mpi: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         return 0
-    offline = {"inspect": _inspect, "plot": _plot, "export": _export}  # one process, no MPI
+    # one process, no MPI
+    offline = {"inspect": _inspect, "plot": _plot, "export": _export, "grpo": _grpo}
     if args.command in offline:
         try:
             offline[args.command](args)

@@ -422,6 +422,38 @@ class CheckpointConfig:
 
 
 @dataclass
+class GRPOSettings:
+    """The GRPO baseline (`es-mpi grpo`, es_mpi/grpo.py, TRL's GRPOTrainer): the same model,
+    task, reward and held-out evaluation as ES. Defaults are TRL's where they suit a CPU and
+    a small model; the learning rate is ours (docs/results.md). ES runs ignore this section."""
+
+    num_generations: int = 8
+    """Completions sampled per prompt (the group whose rewards are normalised; TRL default)."""
+    prompts_per_step: int = 8
+    """Prompts per optimiser step: each step generates prompts_per_step x num_generations."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate. TRL's default 1e-6 is for billion-parameter models; 1e-4 was the
+    best of 1e-5 / 1e-4 / 1e-3 on the default's base (docs/results.md)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (TRL default)."""
+    beta: float = 0.0
+    """KL coefficient against the reference model (TRL default 0: no reference model)."""
+    max_completion_length: int = 0
+    """Tokens per sampled completion; 0: task.max_new_tokens."""
+    threads: int = 2
+    """CPU threads of the GRPO process."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_generations >= 2, "grpo.num_generations", "must be >= 2")
+        _require(self.prompts_per_step >= 1, "grpo.prompts_per_step", "must be >= 1")
+        _require(self.learning_rate > 0, "grpo.learning_rate", "must be > 0")
+        _require(self.temperature > 0, "grpo.temperature", "must be > 0")
+        _require(self.beta >= 0, "grpo.beta", "must be >= 0")
+        _require(self.max_completion_length >= 0, "grpo.max_completion_length", "must be >= 0")
+        _require(self.threads >= 1, "grpo.threads", "must be >= 1")
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Run seed: member seeds and prompt batches of iteration t derive from (seed, t)."""
@@ -430,6 +462,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")

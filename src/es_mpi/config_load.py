@@ -5,6 +5,7 @@ descriptions of ``--help-config``."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _convert(value: Any, expected: Any, name: str) -> Any:
     """Check one leaf value against its annotated type (int, float, str, bool)."""
     got = type(value).__name__
@@ -27,6 +31,8 @@ def _convert(value: Any, expected: Any, name: str) -> Any:
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif expected is str:
