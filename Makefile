@@ -59,11 +59,11 @@ bench-scale: install
 	$(PY) benchmarks/scale.py
 
 # ES (2 ranks) against GRPO (TRL, 2 threads): same task, base, reward, held-out and training
-# time; 3 seeds x 10 minutes x 2 methods on the default, then 3 x 5 on conciseness (reward-KL).
+# time; 3 seeds x 10 minutes x 2 methods on the default, then 3 x 2.5 on conciseness (reward-KL).
 bench-rl: install install-rl
 	$(PY) benchmarks/es_vs_grpo.py --config configs/default.yaml --minutes 10
-	$(PY) benchmarks/es_vs_grpo.py --config configs/conciseness.yaml --minutes 5 \
-		--out bench-results/es-vs-grpo-conciseness
+	$(PY) benchmarks/es_vs_grpo.py --config configs/conciseness.yaml --minutes 2.5 \
+		--eval-seconds 30 --out bench-results/es-vs-grpo-conciseness
 
 # Held-out accuracy of the default against wall time for 3 run seeds (30 minutes on 2 cores).
 bench-learning: install
