@@ -120,7 +120,7 @@ def write(
         f.write(blob)
         for name in names:
             t = tensors[name].detach()
-            flat = t.contiguous().view(-1) if t.is_contiguous() else t.reshape(-1)
+            flat = t.reshape(-1)  # a view for the contiguous tensors written here
             out_dtype = dtype or t.dtype
             step = STREAM_BYTES // out_dtype.itemsize
             for start in range(0, flat.numel(), step):
