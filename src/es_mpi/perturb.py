@@ -13,6 +13,7 @@ order whatever the lane count, so the bits do not depend on it.
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,17 +88,10 @@ class MasterWeights:
             for name in self.names
             for start, stop, chunk in pieces(self.master[name].numel(), noise_kind)
         ]
-        if self.device.type != "cpu" or noise_kind != "chunked" or self.numel < PARALLEL_MIN_NUMEL:
-            lanes = 1  # a GPU queues kernels anyway; whole-tensor pieces would need big scratch
-        largest = max(p.stop - p.start for p in self.pieces)
-        self._lanes = [Lane(self.device, largest) for _ in range(lanes)]
-        self._pool = ThreadPoolExecutor(lanes) if lanes > 1 else None
+        self._lanes, self._pool = self._make_lanes(lanes)
         # Flat offsets of each tensor, for the noise cache's flat slots.
-        self._offsets: dict[str, int] = {}
-        offset = 0
-        for name in self.names:
-            self._offsets[name] = offset
-            offset += self.master[name].numel()
+        sizes = [self.master[name].numel() for name in self.names]
+        self._offsets = dict(zip(self.names, [0, *itertools.accumulate(sizes)], strict=False))
         # Noise of this rank's own members, kept from evaluation to the update so it is not
         # generated twice, in flat buffers reused across iterations (count set by a byte
         # budget). Cached or generated again, the values are the same.
@@ -112,6 +106,18 @@ class MasterWeights:
         # es.mode lowrank: the perturbations are B A^T / sqrt(r) (see lowrank.py)
         self.lowrank: LowRankNoise | None = None
         self.update_norm_ratio = 0.0  # of the latest update
+
+    def _make_lanes(self, lanes: int) -> tuple[list[Lane], ThreadPoolExecutor | None]:
+        """Scratch of the largest piece per lane; threads only where they pay."""
+        if (
+            self.device.type != "cpu"
+            or self.noise_kind != "chunked"
+            or self.numel < PARALLEL_MIN_NUMEL
+        ):
+            lanes = 1  # a GPU queues kernels anyway; whole-tensor pieces would need big scratch
+        largest = max(p.stop - p.start for p in self.pieces)
+        pool = ThreadPoolExecutor(lanes) if lanes > 1 else None
+        return [Lane(self.device, largest) for _ in range(lanes)], pool
 
     def use_lowrank(self, rank: int, perturb_vectors: bool) -> LowRankNoise:
         shapes = {name: t.shape for name, t in self.master.items()}
