@@ -9,7 +9,7 @@ PYTEST_MPI := -m mpi4py -m pytest --with-mpi -p no:cacheprovider -q
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install install-rl test test-serial test-mpi run bench bench-learning bench-paper \
+.PHONY: install install-rl install-site-mpi test test-serial test-mpi test-slurm run bench bench-learning bench-paper \
 	bench-scale bench-rl lint model fixtures \
 	pretrain-model paper-data clean
 
@@ -29,6 +29,13 @@ $(VENV)/.installed-rl: requirements-rl.txt $(VENV)/.installed
 	$(PY) -m pip install -q -r requirements-rl.txt
 	touch $@
 
+# The site's MPI instead of the PyPI MPICH wheel (docs/clusters.md): with the wheel gone from
+# .venv, mpi4py loads libmpi.so.12 from LD_LIBRARY_PATH, which `module load <mpi>` sets (in
+# ES_MPI_SETUP for jobs), and the site's mpiexec/srun starts the ranks. Check on a compute
+# node: srun --mpi=pmi2 -n 2 .venv/bin/es-mpi doctor
+install-site-mpi: install
+	$(PY) -m pip uninstall -q -y mpich
+
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: test-serial test-mpi
 
@@ -38,6 +45,11 @@ test-serial: install install-rl
 test-mpi: install
 	$(MPIEXEC) -n 2 $(PY) $(PYTEST_MPI) -m mpi tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 	$(MPIEXEC) -n 3 $(PY) $(PYTEST_MPI) -m mpi -k invariance tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+# The job scripts end to end on a single-node Slurm started (and stopped) for the purpose:
+# Debian packages, root; skipped with the reason printed where they cannot be installed.
+test-slurm: install
+	PY=$(PY) bash tests/slurm/run-tests.sh
 
 run: install
 	$(MPIEXEC) -n $(RANKS) $(VENV)/bin/es-mpi train --config configs/default.yaml --run-dir $(RUN_DIR) --overwrite

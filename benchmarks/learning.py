@@ -54,7 +54,7 @@ def run(run_dir: Path, seed: int, args: argparse.Namespace) -> None:
     for item in args.set:
         cmd += ["--set", item]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
+    if result.returncode not in (0, 75):  # 75: stopped at the time limit (resumable)
         sys.exit(f"training failed:\n{result.stderr[-3000:]}")
 
 

@@ -35,6 +35,22 @@ def small_overrides(model_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in settings.items()]
 
 
+def write_config(path: Path, overrides: list[str]) -> Path:
+    """A YAML config file holding `key=value` overrides (dotted keys become sections)."""
+    import yaml
+
+    tree: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 def run_cli(args: list[str], ranks: int = 0, timeout: float = 180, **kwargs):
     """The real CLI in a subprocess; under `mpiexec -n ranks` when ranks > 0."""
     cmd = [sys.executable, "-m", "es_mpi", *args]

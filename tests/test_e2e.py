@@ -156,23 +156,42 @@ def test_replay_and_invariance_with_scaled_sigma_and_mirrored_pairs(tiny_model_d
     assert "sigma linear to 0.4x over 3 its" in es_line
 
 
-def test_time_limit_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
+def test_time_limit_stops_resumably_and_resume_continues(tiny_model_dir, tmp_path):
+    """A stop at the time limit is exit 75 with a checkpoint and no final/; only the
+    session that does the last iteration writes final/."""
     run_dir = tmp_path / "run"
     limited = _train_args(run_dir, tiny_model_dir, **{"runtime.time_limit_minutes": 0.0001})
     result = run_cli(limited, ranks=2)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 75, result.stderr
+    assert "time limit: stopped after iteration 1 of 4" in result.stdout
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert int(f.attrs["iterations_done"]) == 1  # a session runs at least one iteration
-    assert (run_dir / "final" / "model.safetensors").is_file()
-    assert run_cli(["resume", "--run-dir", str(run_dir)]).returncode == 0  # the limit holds
+    assert not (run_dir / "final").exists()
+    assert (run_dir / "checkpoints").is_dir()
+    assert run_cli(["resume", "--run-dir", str(run_dir)]).returncode == 75  # the limit holds
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert int(f.attrs["iterations_done"]) == 2
     lifted = ["resume", "--run-dir", str(run_dir), "--set", "runtime.time_limit_minutes=0"]
     assert run_cli(lifted).returncode == 0
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert int(f.attrs["iterations_done"]) == 4
+    assert (run_dir / "final" / "model.safetensors").is_file()
     refused = run_cli(["resume", "--run-dir", str(run_dir), "--set", "es.sigma=1"])
     assert refused.returncode == 2 and "es.sigma" in refused.stderr
+
+
+def test_job_end_stops_with_the_margin_and_resume_finishes(tiny_model_dir, tmp_path):
+    """ES_MPI_JOB_END (set by the job scripts from the scheduler) less
+    runtime.stop_margin_seconds is a deadline: exit 75 before it, resumable."""
+    run_dir = tmp_path / "run"
+    args = _train_args(run_dir, tiny_model_dir, **{"runtime.stop_margin_seconds": 3600})
+    env = {**os.environ, "ES_MPI_JOB_END": str(time.time() + 60)}
+    result = run_cli(args, ranks=2, env=env)
+    assert result.returncode == 75, result.stderr
+    assert "job end: stopped after iteration 1" in result.stdout
+    assert run_cli(["resume", "--run-dir", str(run_dir)], ranks=2).returncode == 0
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert int(f.attrs["iterations_done"]) == 4
 
 
 def test_lowrank_batched_invariance_replay_and_resume(tiny_model_dir, tmp_path):

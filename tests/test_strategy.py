@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from es_mpi.comm import deal_members
+from es_mpi.stopping import out_of_time
 from es_mpi.strategy import (
     Population,
     centered_ranks,
@@ -14,7 +15,6 @@ from es_mpi.strategy import (
     update_coefficients,
     zscore,
 )
-from es_mpi.trainer import out_of_time
 
 
 def test_zscore_hand_computed():

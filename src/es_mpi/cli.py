@@ -1,8 +1,9 @@
-"""es-mpi train | resume | replay | eval | inspect | plot | export | pretrain | init-model
+"""es-mpi train | resume | replay | eval | doctor | inspect | plot | export | pretrain | ...
 
-Exit codes: 0 success, 1 a failure at run time (the whole MPI job is aborted),
-2 bad input (nothing started, nothing overwritten), 3 replay found a checksum mismatch,
-75 stopped early by SIGTERM/SIGUSR1 at an iteration boundary (resume continues it).
+Exit codes (README, "Exit codes"): 0 done (final/ written), 1 a failure at run time (the
+whole MPI job is aborted), 2 bad input or a broken launch (nothing started, nothing
+overwritten), 3 replay found a checksum mismatch, 75 stopped before the last iteration by a
+signal, the time limit or the job's end, checkpoint written (resume continues it).
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", action="store_true", help="machine-readable output")
 
-    for command in (t, r, e):
+    d = sub.add_parser(
+        "doctor", help="per rank: MPI library, world size vs launcher, device, torch build"
+    )
+    for command in (t, r, e, d):
         command.add_argument(
             "--device",
             choices=("auto", "cpu", "cuda"),
@@ -277,7 +281,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from .comm import Comm
 
-    comm = Comm.world()
+    try:
+        comm = Comm.world()
+    except RuntimeError as exc:  # several ranks launched, but no loadable MPI library
+        print(f"es-mpi: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    from .stopping import listen_for_stop_signals
+
+    if args.command in ("train", "resume"):  # before the model load: a stop then is exit 75
+        listen_for_stop_signals()
+    launch_error = _launch_error(comm)
+    if args.command == "doctor":
+        from .doctor import doctor
+
+        return 0 if doctor(comm, args.device or "auto") else EXIT_USAGE
+    if launch_error:
+        if comm.is_main or comm.size == 1:
+            print(f"es-mpi: error: {launch_error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     try:
         _run(args, comm)
     except ConfigError as exc:  # raised on every rank alike, before collective work
@@ -293,6 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - one failure stops all (invariant 6)
         _fail(comm, exc)
     return 0
+
+
+def _launch_error(comm) -> str | None:
+    """The MPI world against the launcher's and scheduler's rank count (docs/clusters.md)."""
+    from .launch import world_size_error
+
+    try:
+        return world_size_error(comm.size)
+    except ValueError as exc:
+        return str(exc)
 
 
 def _fail(comm, exc: BaseException) -> None:

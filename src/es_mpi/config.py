@@ -383,12 +383,16 @@ class RuntimeConfig:
     """Every this many iterations all ranks hash their master weights and must agree
     (0: never; rank 0 still logs its checksum every iteration)."""
     time_limit_minutes: float = 0.0
-    """Stop cleanly before an iteration that would end after this much wall time of the
-    session (0: no limit): the estimate is the longest of the session's last 20 iterations
+    """Stop before an iteration that would end after this much wall time of the session
+    (0: no limit): the estimate is the longest of the session's last 20 iterations
     (held-out evaluations and checkpoints included), and a session always runs at least one
-    iteration. The final held-out evaluation and model save come after the limit: leave a
-    margin for them below a scheduler's wall time. The run can be resumed. Rank 0's clock
-    decides for all ranks."""
+    iteration. The stop scores the held-out split (after the limit), writes a checkpoint and
+    exits 75 (resumable, no final/). Rank 0's clock decides for all ranks."""
+    stop_margin_seconds: float = 60.0
+    """When the job's end is known (ES_MPI_JOB_END, set by the job scripts, or
+    SLURM_JOB_END_TIME), stop before an iteration whose estimate plus the last checkpoint's
+    duration would end later than this many seconds before it (kept for the MPI shutdown and
+    the requeue). Exit 75, as for time_limit_minutes."""
 
     tensorboard: bool = False
     """Also write TensorBoard scalars to RUN_DIR/tensorboard (needs the optional
@@ -406,6 +410,7 @@ class RuntimeConfig:
         _require(self.decoder in DECODERS, "runtime.decoder", f"one of {DECODERS}")
         _require(self.device in DEVICES, "runtime.device", f"one of {DEVICES}")
         _require(self.time_limit_minutes >= 0, "runtime.time_limit_minutes", "must be >= 0")
+        _require(self.stop_margin_seconds >= 0, "runtime.stop_margin_seconds", "must be >= 0")
         _require(self.verify_every >= 0, "runtime.verify_every", "must be >= 0")
 
 

@@ -114,6 +114,7 @@ RESUME_SETTABLE = (
     "es.iterations",
     "es.noise_cache_mb",
     "runtime.time_limit_minutes",
+    "runtime.stop_margin_seconds",
     "runtime.verify_every",
     "runtime.device",
     "runtime.tensorboard",

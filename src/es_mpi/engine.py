@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,26 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but CUDA is not available on this node")
+        raise RuntimeError(f"runtime.device is 'cuda' but {cuda_problem()}")
     make_cuda_deterministic()
     # CUDA_VISIBLE_DEVICES already narrowed by the scheduler is honoured: torch numbers the
     # visible devices only, and node-local rank k takes the k-th of them.
     return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def cuda_problem() -> str:
+    """Why torch sees no GPU: a CPU-only build (a conda/pip solve without CUDA), or none
+    visible to this process (no GPU requested, CUDA_VISIBLE_DEVICES, driver)."""
+    if torch.version.cuda is None:
+        return (
+            f"this torch {torch.__version__} is a CPU-only build (install a CUDA build: "
+            "environment.yml, docs/clusters.md)"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU on "
+        f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={visible})"
+    )
 
 
 def make_cuda_deterministic() -> None:

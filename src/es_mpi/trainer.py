@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,9 +14,11 @@ from .comm import deal_members
 from .engine import Engine, peak_rss_bytes
 from .errors import Interrupted
 from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
+from .launch import job_end_time
 from .lowrank import PopulationHooks
 from .progress import Progress
 from .runlog import IterationRecord, RunLog
+from .stopping import StopWatch, stop_signal
 from .strategy import (
     Population,
     member_population,
@@ -27,12 +27,6 @@ from .strategy import (
 )
 from .tasks import Task, reports_kl
 from .update import apply_es_update, scheduled_rates
-
-
-def out_of_time(elapsed: float, loop_seconds: list[float], limit_seconds: float) -> bool:
-    """Would the next iteration, estimated as the longest of the last 20, end past the
-    limit? Never before a session's first iteration (it has no estimate)."""
-    return bool(loop_seconds) and elapsed + max(loop_seconds[-20:]) > limit_seconds
 
 
 class Trainer:
@@ -44,7 +38,10 @@ class Trainer:
         self.log = log  # rank 0 only
         self.progress: Progress | None = None  # rank 0 only, made by run()
         self.logging_seconds: list[float] = []  # rank 0: log append + progress, per iteration
-        self.stop_signal: str | None = None  # name of a stop signal received
+        runtime = self.cfg.runtime
+        self.clock = StopWatch(
+            runtime.time_limit_minutes, job_end_time(), runtime.stop_margin_seconds
+        )
         # A frozen copy of the base model, for tasks that report KL from it (conciseness).
         self.base_model = engine.load_base_copy() if reports_kl(task) else None
         self.evaluator = Evaluator.for_config(
@@ -198,15 +195,12 @@ class Trainer:
         if start == 0:
             self.evaluate_heldout(0)
             scored_at = 0
-        session_start = time.monotonic()
-        loop_seconds: list[float] = []  # this session's iterations, held-out included
         done = start
-        self.install_stop_signals()
         while done < total:
-            reason = self.stop_reason(session_start, loop_seconds)
-            if reason == "time limit":
-                break
-            if reason is not None:  # a signal: leave quickly, resumable, no held-out/final
+            reason = self.stop_reason()
+            if reason == "time limit" and scored_at != done:  # the budget's result is scored
+                self.evaluate_heldout(done)
+            if reason is not None:  # resumable: checkpoint, exit 75, no final/
                 self.interrupt(done, reason)
             t_loop = time.monotonic()
             record = self.step(done)
@@ -226,33 +220,17 @@ class Trainer:
                 self.progress.iteration(record, score)
                 self.logging_seconds.append(t_logged + time.perf_counter() - t0)
                 self.maybe_checkpoint(done, record.checksum)
-            loop_seconds.append(time.monotonic() - t_loop)
+            self.clock.loop_seconds.append(time.monotonic() - t_loop)
         if scored_at != done:
             self.evaluate_heldout(done)
         self.finish()
 
-    def install_stop_signals(self) -> None:
-        """SIGTERM / SIGUSR1 (a scheduler's warning before the wall-time limit, or a
-        preemption) ask every rank to stop at the end of the current iteration. A second
-        signal kills at once."""
-
-        def handler(signum, frame) -> None:
-            if self.stop_signal is not None:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            self.stop_signal = signal.Signals(signum).name
-
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, handler)
-
-    def stop_reason(self, session_start: float, loop_seconds: list[float]) -> str | None:
-        """Collective: a signal on any rank, or rank 0's clock past the time limit
-        (`out_of_time`), stops every rank after the same iteration."""
-        limit = self.cfg.runtime.time_limit_minutes
-        reason = self.stop_signal
-        if reason is None and self.comm.is_main and limit:
-            if out_of_time(time.monotonic() - session_start, loop_seconds, 60 * limit):
-                reason = "time limit"
+    def stop_reason(self) -> str | None:
+        """Collective: a signal on any rank, or rank 0's clock (the session's time limit,
+        the job's end), stops every rank before the same iteration."""
+        reason = stop_signal()
+        if reason is None and self.comm.is_main:
+            reason = self.clock.reason()
         return next((r for r in self.comm.allgather(reason) if r), None)
 
     def interrupt(self, done: int, reason: str) -> None:
@@ -261,8 +239,9 @@ class Trainer:
             self.checkpoint(done, self.weights.checksum())
             self.progress.close()
             print(
-                f"[es-mpi] {reason}: stopped after iteration {done} (checkpoint written); "
-                f"continue with: es-mpi resume --run-dir {self.run_dir}",
+                f"[es-mpi] {reason}: stopped after iteration {done} of {self.cfg.es.iterations} "
+                f"(checkpoint written, exit 75); continue with: es-mpi resume --run-dir "
+                f"{self.run_dir}",
                 flush=True,
             )
         raise Interrupted(reason)
@@ -291,8 +270,10 @@ class Trainer:
             self.checkpoint(iterations_done, checksum)
 
     def checkpoint(self, iterations_done: int, checksum: str) -> None:
+        t0 = time.monotonic()
         state = self.weights.state_dict()
         save_checkpoint(self.run_dir, iterations_done, state, checksum, self.cfg.checkpoint.keep)
+        self.clock.checkpoint_seconds = time.monotonic() - t0
 
     def finish(self) -> None:
         """Write final/ (rank 0) and the per-rank peak memory into the log."""
