@@ -100,6 +100,29 @@ def final_checksum(run_dir: Path) -> tuple[int, str]:
         return done, f["checksum"][done - 1].decode()
 
 
+def report(line: str) -> None:
+    """One line of what a test saw, for the summary run-tests.sh prints at the end."""
+    path = os.environ.get("ES_MPI_SLURM_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def stops(text: str) -> list[str]:
+    """The stop lines of a job's output, e.g. 'SIGUSR1: stopped after iteration 17 of 60'."""
+    return re.findall(r"\] (.*: stopped after iteration \d+ of \d+)", text)
+
+
+def resumed(run_dir: Path, reference: Path, fields: dict[str, str], text: str) -> str:
+    done, checksum = final_checksum(run_dir)
+    same = "==" if (done, checksum) == final_checksum(reference) else "!="
+    starts = [s["start"] for s in sessions(run_dir)]
+    return (
+        f"{'; '.join(stops(text))}; Restarts={fields['Restarts']}; sessions start at {starts}; "
+        f"final iteration {done} checksum {checksum[:12]} {same} uninterrupted"
+    )
+
+
 def sessions(run_dir: Path) -> list[dict]:
     with h5py.File(run_dir / "run.h5", "r") as f:
         return json.loads(f.attrs["sessions"])
@@ -132,6 +155,8 @@ def test_job_trains_in_one_world_of_the_tasks_slurm_started(uninterrupted):
     assert "[es-mpi] 2 rank(s)" in text
     assert [s["ranks"] for s in sessions(uninterrupted)] == [2]
     assert final_checksum(uninterrupted)[0] == 60
+    done, checksum = final_checksum(uninterrupted)
+    report(f"2-rank job: world of 2 ranks, {done} iterations, checksum {checksum[:12]}")
     assert (uninterrupted / "final" / "model.safetensors").is_file()
 
 
@@ -144,6 +169,9 @@ def test_srun_without_pmi_is_refused_by_name(job_dir):
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0"
     assert "the MPI world has 1 rank(s) but SLURM_STEP_NUM_TASKS says 2" in out.read_text()
     assert not (run_dir / "run.h5").exists()
+    report(
+        "srun without --mpi: exit 2, 'the MPI world has 1 rank(s) but SLURM_STEP_NUM_TASKS says 2'"
+    )
 
 
 def test_preemption_requeues_and_resumes_to_the_uninterrupted_weights(job_dir, uninterrupted):
@@ -159,6 +187,8 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_weights(job_dir, u
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text
     assert "SIGUSR1: stopped after iteration" in text and "requeueing job" in text
     assert len(sessions(run_dir)) == 2
+    outcome = resumed(run_dir, uninterrupted, fields, text)
+    report(f"preemption (scancel --signal=USR1 --full): {outcome}")
     assert final_checksum(run_dir) == final_checksum(uninterrupted)
 
 
@@ -173,6 +203,7 @@ def test_time_limit_requeues_and_resumes_to_the_uninterrupted_weights(job_dir, u
     assert fields["JobState"] == "COMPLETED" and int(fields["Restarts"]) >= 1, text
     assert "job end: stopped after iteration" in text
     assert "CANCELLED" not in text.split("requeueing")[0]  # the stop came before Slurm's kill
+    report(f"time limit (--time=1, margin 50 s): {resumed(run_dir, uninterrupted, fields, text)}")
     assert final_checksum(run_dir) == final_checksum(uninterrupted)
 
 
@@ -199,6 +230,12 @@ def test_sweep_member_stopped_resumes_in_its_own_dir(job_dir, tmp_path):
     assert len(sessions(sweep_dir / "base")) == 2 and len(sessions(sweep_dir / "small")) == 1
     with h5py.File(sweep_dir / "small" / "run.h5", "r") as f:
         assert f["rewards"].shape[1] == 2  # the line's override reached the member
+    member = sweep_dir / "base"
+    report(
+        f"sweep member {array}_1: {'; '.join(stops(member_out.read_text()))}; Restarts="
+        f"{fields['Restarts']}; sessions start at {[x['start'] for x in sessions(member)]}; "
+        f"final iteration {final_checksum(member)[0]}; member 0 untouched (1 session)"
+    )
 
     # An --array that does not match the file fails at once in every member, by name.
     wrong = sbatch(*one_rank, "--array=0-2", f"--output={job_dir / 'wrong-%a.out'}",
@@ -229,3 +266,5 @@ def test_site_mpi_library_is_used_through_slurm_pmi(tmp_path):
     assert result.stdout.count("MPICH Version:") == 2 and "4.0" in result.stdout
     assert "libmpich.so.12" in result.stdout and ".venv/lib/libmpi" not in result.stdout
     assert "ok, 2 rank(s) in one MPI world" in result.stdout
+    library = re.search(r"MPICH Version:\s*(\S+)", result.stdout).group(1)
+    report(f"site MPI: srun --mpi=pmi2 -n 2 es-mpi doctor: MPICH {library} from {site_lib}, ok")

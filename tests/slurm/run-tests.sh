@@ -13,8 +13,10 @@ fi
 STATE=$(mktemp -d /tmp/es-mpi-slurm.XXXXXX)
 trap 'bash tests/slurm/cluster.sh stop "$STATE"' EXIT
 bash tests/slurm/cluster.sh start "$STATE" || exit 1
-export SLURM_CONF=$STATE/slurm.conf ES_MPI_TEST_SLURM=1
+export SLURM_CONF=$STATE/slurm.conf ES_MPI_TEST_SLURM=1 ES_MPI_SLURM_REPORT=$STATE/report
 "$PY" -m pytest -q -p no:cacheprovider -m slurm tests/test_slurm.py "$@"
 rc=$?
+echo "test-slurm: what the jobs did (Slurm $(sinfo -V | cut -d' ' -f2)):"
+sed 's/^/  /' "$STATE/report" 2>/dev/null
 [ "$rc" -eq 0 ] || tail -n 30 "$STATE"/slurmctld.log "$STATE"/slurmd.log
 exit "$rc"
