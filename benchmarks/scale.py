@@ -8,8 +8,9 @@ per member to materialise, seconds per noise draw of the update, fingerprint sec
 generated tokens per second and each one's share of the iteration (median over the
 iterations after the first). The 0.5B model also runs the conciseness task, whose KL
 reference is a second copy of the model. Part 2 times noise, materialise and update per
-parameter in this process: the `chunked` noise of new runs against the `tensor` noise of
-older logs. Writes a table (stdout and bench-results/scale.md), a JSON file and a PNG of cost
+parameter in this process: the `counter` noise of new runs (format 3) against the `chunked`
+(format 2) and `tensor` (format 1) noise of older logs and torch.randn (`--micro-only`: just
+this part). Writes a table (stdout and bench-results/scale.md), a JSON file and a PNG of cost
 against parameter count. Usage: python benchmarks/scale.py [--models a,b] [--ranks 1,2]
 """
 
@@ -130,16 +131,19 @@ class Flat(nn.Module):
 def per_parameter_costs(numel: int, repeats: int) -> dict[str, dict[str, float]]:
     """ns per parameter (min and median of `repeats`) of the engine's steps, one process."""
     from es_mpi.fingerprint import fingerprint
+    from es_mpi.noise import NoiseSource
     from es_mpi.perturb import MasterWeights
 
     torch.manual_seed(0)
     master = {"w": torch.randn(numel) * 0.02}
     cases = {
-        "materialise bf16, tensor noise (older logs)": ("tensor", 1, "m"),
-        "materialise bf16, chunked noise, 1 lane": ("chunked", 1, "m"),
-        "materialise bf16, chunked noise, 2 lanes": ("chunked", 2, "m"),
+        "materialise bf16, tensor noise (format 1)": ("tensor", 1, "m"),
+        "materialise bf16, chunked noise (format 2), 1 lane": ("chunked", 1, "m"),
+        "materialise bf16, chunked noise (format 2), 2 lanes": ("chunked", 2, "m"),
+        "materialise bf16, counter noise (format 3; torch's own threads)": ("counter", 2, "m"),
         "update per draw, tensor noise": ("tensor", 1, "u"),
         "update per draw, chunked noise, 2 lanes": ("chunked", 2, "u"),
+        "update per draw, counter noise (format 3)": ("counter", 2, "u"),
     }
     out = {}
     for label, (kind, lanes, what) in cases.items():
@@ -156,7 +160,12 @@ def per_parameter_costs(numel: int, repeats: int) -> dict[str, dict[str, float]]
             times.append((time.perf_counter() - t0) / (1 if what == "m" else 2))
         out[label] = times[1:]
         del weights
+    counter = NoiseSource("cpu", "counter")
+    generator = NoiseSource("cpu", "chunked")
+    buffer = torch.empty(numel)
     for label, work in (
+        ("counter noise alone (format 3)", lambda: counter.fill(buffer, 1, "w")),
+        ("torch generator noise alone (chunked kind)", lambda: generator.fill(buffer, 1, "w")),
         ("fingerprint (sums)", lambda: fingerprint(master, "sums")),
         ("fingerprint (sha256, older logs)", lambda: fingerprint(master, "sha256")),
         ("torch.randn (reference)", lambda: torch.randn(numel)),
@@ -227,7 +236,13 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--micro-params", type=int, default=64 * 2**20)
+    p.add_argument("--micro-only", action="store_true", help="only the ns-per-parameter part")
     args = p.parse_args()
+    if args.micro_only:
+        micro = per_parameter_costs(args.micro_params, args.repeats)
+        for k, v in micro.items():
+            print(f"- {k}: {v['min']:.2f} / {v['median']:.2f} ns per parameter (min / median)")
+        return
     OUT.mkdir(exist_ok=True)
     task = "scale_task:CompletionChecksum"
     rows = []

@@ -114,10 +114,12 @@ def test_update_moves_2d_weights_only_when_vectors_frozen(tiny_model_dir):
 
 
 def test_member_rewards_do_not_depend_on_group_size(tiny_model_dir, tmp_path):
-    """members_per_batch 1 and 3 give the same per-member rewards (greedy on the tiny model)."""
+    """members_per_batch 1 and 3 give the same per-member rewards (greedy on the tiny model;
+    16 prompts, so that some member of the random model scores)."""
     rewards = {}
     for group in (1, 3):
-        engine = lowrank_engine(tiny_model_dir, **{"es.members_per_batch": group})
+        settings = {"es.members_per_batch": group, "task.prompts_per_member": 16}
+        engine = lowrank_engine(tiny_model_dir, **settings)
         trainer = Trainer(engine, make_task(engine.cfg.task), tmp_path, None)
         population = member_population(0, 0, 6, antithetic=True)
         batch = trainer.prompt_batch(0)

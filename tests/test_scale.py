@@ -4,6 +4,7 @@ fused weight storage, and logs written before these kinds existed (tests/data)."
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import h5py
@@ -19,7 +20,8 @@ from es_mpi.fingerprint import ROW_WORDS, fingerprint
 from es_mpi.noise import CHUNK_ELEMENTS, NoiseSource, pieces
 from es_mpi.perturb import MasterWeights
 
-LEGACY = ROOT / "tests" / "data" / "legacy-runlog-1"
+LEGACY = ROOT / "tests" / "data" / "legacy-runlog-1"  # format 1: tensor noise, sha256
+LEGACY_2 = ROOT / "tests" / "data" / "legacy-runlog-2"  # format 2: chunked noise, sums
 
 
 class Big(nn.Module):
@@ -39,13 +41,14 @@ def _master(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def _chunked_noise(seed: int, name: str, numel: int) -> torch.Tensor:
-    """The `chunked` noise of a tensor, built chunk by chunk from its definition."""
-    src = NoiseSource()
+def _chunked_noise(seed: int, name: str, numel: int, kind: str = "chunked") -> torch.Tensor:
+    """The noise of a tensor (chunked or counter kind), built chunk by chunk from its
+    definition."""
+    src = NoiseSource("cpu", kind)
     return torch.cat(
         [
             src.sample(seed, name, (stop - start,), "cpu", chunk=k)
-            for start, stop, k in pieces(numel, "chunked")
+            for start, stop, k in pieces(numel, kind)
         ]
     )
 
@@ -60,26 +63,30 @@ def test_pieces_cover_a_tensor_in_order():
     ]
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_chunked_materialise_and_update_follow_the_definition(lanes):
+@pytest.mark.parametrize("kind, lanes", [("chunked", 1), ("chunked", 2), ("counter", 2)])
+def test_chunked_materialise_and_update_follow_the_definition(kind, lanes):
     """Materialise and update over three chunks equal the noise built from its definition,
-    bit for bit, with one lane or two."""
+    bit for bit, with one lane or two (chunked: fused multiply-adds; counter: each product
+    and sum rounded on its own, and torch's own threads instead of lanes)."""
     model = Big()
-    weights = MasterWeights(model, _master(), lanes=lanes)
-    assert len(weights._lanes) == lanes  # the parallel path really runs
-    eps_w = _chunked_noise(11, "w", model.w.numel())
+    weights = MasterWeights(model, _master(), noise_kind=kind, lanes=lanes)
+    assert len(weights._lanes) == (lanes if kind == "chunked" else 1)  # the path that runs
+    eps_w = _chunked_noise(11, "w", model.w.numel(), kind)
     weights.materialise(11, -1, 0.5)
     assert torch.equal(model.w.data, torch.add(_master()["w"], eps_w, alpha=-0.5))
     weights.apply_update([(11, 0.25), (12, -0.5)])
-    acc = torch.zeros_like(eps_w).add_(eps_w, alpha=0.25)
-    acc.add_(_chunked_noise(12, "w", model.w.numel()), alpha=-0.5)
+    eps_12 = _chunked_noise(12, "w", model.w.numel(), kind)
+    if kind == "chunked":
+        acc = torch.zeros_like(eps_w).add_(eps_w, alpha=0.25).add_(eps_12, alpha=-0.5)
+    else:
+        acc = torch.zeros_like(eps_w).add_(eps_w * 0.25).add_(eps_12 * -0.5)
     assert torch.equal(weights.master["w"], _master()["w"].add_(acc))
     assert weights.update_norm_ratio > 0
 
 
 def test_bf16_target_is_the_fp32_sum_rounded_once():
     model = Big(torch.bfloat16)
-    weights = MasterWeights(model, _master(), lanes=2)
+    weights = MasterWeights(model, _master(), noise_kind="chunked", lanes=2)
     weights.materialise(3, 1, 0.1)
     eps = _chunked_noise(3, "w", model.w.numel())
     assert torch.equal(model.w.data, torch.add(_master()["w"], eps, alpha=0.1).to(torch.bfloat16))
@@ -179,9 +186,13 @@ def test_new_logs_name_their_kinds(tmp_path, tiny_model_dir):
         args += ["--set", item]
     assert run_cli(args).returncode == 0
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
-        assert f.attrs["log_version"] == 2
-        assert f.attrs["noise"] == "chunked" and f.attrs["fingerprint"] == "sums"
+        assert f.attrs["log_version"] == 3
+        assert f.attrs["noise"] == "counter" and f.attrs["fingerprint"] == "sums"
         assert np.all(f["time_fingerprint"][:] >= 0)
+        session = json.loads(f.attrs["sessions"])[0]
+    ((device, ranks),) = session["devices"].items()  # every rank's device, counted
+    assert device.startswith("cpu ") and ranks == 1
+    assert session["software"]["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("mode", ["full", "lowrank"])
@@ -196,16 +207,35 @@ def test_a_log_written_before_the_kinds_still_replays(tmp_path, mode):
     assert fingerprint(load_file(str(out / "model.safetensors")), "sha256") == last
 
 
-def test_a_log_written_before_the_kinds_resumes_in_its_own_kinds(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lowrank"])
+def test_a_chunked_noise_log_still_replays(tmp_path, mode):
+    """tests/data/legacy-runlog-2: torch-generator chunks and fused updates, format 2."""
+    out = tmp_path / "replayed"
+    result = run_cli(["replay", "--run-dir", str(LEGACY_2 / mode), "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    with h5py.File(LEGACY_2 / mode / "run.h5", "r") as f:
+        assert f.attrs["noise"] == "chunked" and f.attrs["log_version"] == 2
+        last = f["checksum"][-1].decode()
+    assert fingerprint(load_file(str(out / "model.safetensors")), "sums") == last
+
+
+@pytest.mark.parametrize(
+    "legacy, kind, checkpoint",
+    [(LEGACY, "sha256", 6), (LEGACY_2, "sums", 6)],
+    ids=["format-1", "format-2"],
+)
+def test_an_older_log_resumes_in_its_own_kinds(tmp_path, legacy, kind, checkpoint):
     run_dir = tmp_path / "full"
-    shutil.copytree(LEGACY / "full", run_dir)
+    shutil.copytree(legacy / "full", run_dir)
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        noise = f.attrs.get("noise")
     result = run_cli(["resume", "--run-dir", str(run_dir), "--iterations", "8"])
     assert result.returncode == 0, result.stderr
-    assert "(checkpoint 6," in result.stdout  # its sha256 matched the log's
+    assert f"(checkpoint {checkpoint}," in result.stdout  # its fingerprint matched the log's
     with h5py.File(run_dir / "run.h5", "r") as f:
-        assert f.attrs["iterations_done"] == 8 and "noise" not in f.attrs
+        assert f.attrs["iterations_done"] == 8 and f.attrs.get("noise") == noise
         last = f["checksum"][-1].decode()
-    assert fingerprint(load_file(str(run_dir / "final" / "model.safetensors")), "sha256") == last
+    assert fingerprint(load_file(str(run_dir / "final" / "model.safetensors")), kind) == last
     replayed = run_cli(["replay", "--run-dir", str(run_dir), "--out", str(tmp_path / "r")])
     assert replayed.returncode == 0, replayed.stderr
 

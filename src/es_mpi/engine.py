@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import resource
 import socket
 import time
@@ -23,6 +24,7 @@ from .modelio import (
     read_weights_into,
     save_hf_dir,
 )
+from .noise import NEW_RUN_KIND
 from .perturb import MasterWeights
 from .quant import quantise_linears
 
@@ -61,6 +63,25 @@ def cuda_problem() -> str:
         f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU on "
         f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={visible})"
     )
+
+
+def device_description(device: torch.device) -> str:
+    """What a run log records of a rank's device (with its session): the GPU model and SM
+    count, or the CPU's architecture and the torch kernel set in use."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
+    return f"cpu {platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def software_versions() -> dict[str, str | None]:
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+    }
 
 
 def make_cuda_deterministic() -> None:
@@ -122,7 +143,7 @@ class Engine:
         cfg: Config,
         comm: Comm,
         model_path: str | Path | None = None,
-        noise_kind: str = "chunked",
+        noise_kind: str = NEW_RUN_KIND,
         fingerprint_kind: str = "sums",
     ) -> Engine:
         """Load this rank's replica. The kinds are the run log's (noise.py, fingerprint.py)."""

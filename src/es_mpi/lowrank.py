@@ -23,24 +23,32 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .noise import NoiseSource
+from .noise import NEW_RUN_KIND, NoiseSource
 
 
 class LowRankNoise:
     """Factors B, A of (member seed, tensor name) and the dense perturbations they stand for."""
 
     def __init__(
-        self, shapes: dict[str, torch.Size], rank: int, perturb_vectors: bool, device
+        self,
+        shapes: dict[str, torch.Size],
+        rank: int,
+        perturb_vectors: bool,
+        device,
+        kind: str = NEW_RUN_KIND,
     ) -> None:
         self.shapes = shapes
         self.rank = rank
         self.perturb_vectors = perturb_vectors
-        self.noise = NoiseSource(device)
+        self.noise = NoiseSource(device, kind)
         self.device = device
+        # counter kind: the update in elementwise float32 operations (device-independent)
+        self.elementwise = kind == "counter"
 
     def is_perturbed(self, name: str) -> bool:
         return len(self.shapes[name]) == 2 or self.perturb_vectors
@@ -63,21 +71,47 @@ class LowRankNoise:
         return self.vector(seed, name) if self.perturb_vectors else None
 
     def weighted_sum(self, name: str, coefficients: list[tuple[int, float]]) -> torch.Tensor | None:
-        """sum_k coef_k * E(seed_k) of one tensor in fp32; for 2-D tensors one matrix product
-        [c_1 B_1 .. c_K B_K] [A_1 .. A_K]^T / sqrt(r), the same on every rank."""
+        """sum_k coef_k * E(seed_k) of one tensor in fp32, the same on every rank. Counter
+        kind: one correctly rounded operation per product and per sum, in member then rank
+        order (the same bits on any device); older kinds: one matrix product
+        [c_1 B_1 .. c_K B_K] [A_1 .. A_K]^T / sqrt(r)."""
         if not self.is_perturbed(name) or not coefficients:
             return None
         if len(self.shapes[name]) == 1:
             acc = torch.zeros(self.shapes[name], dtype=torch.float32, device=self.device)
             for seed, coef in coefficients:
-                acc.add_(self.vector(seed, name), alpha=coef)
+                if self.elementwise:
+                    acc.add_(self.vector(seed, name).mul_(float32(coef)))
+                else:
+                    acc.add_(self.vector(seed, name), alpha=coef)
             return acc
+        if self.elementwise:
+            return self._outer_sum(name, coefficients)
         bs, as_ = [], []
         for seed, coef in coefficients:
             b, a = self.factors(seed, name)
             bs.append(b * coef)
             as_.append(a)
         return (torch.cat(bs, dim=1) @ torch.cat(as_, dim=1).T) / math.sqrt(self.rank)
+
+    def _outer_sum(self, name: str, coefficients: list[tuple[int, float]]) -> torch.Tensor:
+        """sum_k sum_j (c_k / sqrt(r) * b_kj) a_kj^T by broadcasting, no GEMM: a GEMM's
+        summation order and fusion depend on the device and library."""
+        m, n = self.shapes[name]
+        acc = torch.zeros((m, n), dtype=torch.float32, device=self.device)
+        term = torch.empty((m, n), dtype=torch.float32, device=self.device)
+        for seed, coef in coefficients:
+            b, a = self.factors(seed, name)
+            b = b * float32(coef / math.sqrt(self.rank))
+            for j in range(self.rank):
+                acc.add_(torch.mul(b[:, j : j + 1], a[:, j], out=term))
+        return acc
+
+
+def float32(value: float) -> float:
+    """A Python float rounded to float32 first: a scalar factor then means the same on
+    every device (CPU and CUDA kernels both multiply float32 tensors in float32)."""
+    return float(np.float32(value))
 
 
 class PopulationHooks:

@@ -17,13 +17,15 @@ import h5py
 import numpy as np
 
 from .errors import RunLogError
+from .noise import NEW_RUN_KIND
 
 FORMAT = "es-mpi-runlog-1"
 LOG_NAME = "run.h5"
 # Version 2 names the noise streams (noise.py) and the per-iteration fingerprint
 # (fingerprint.py) in attributes; a log without them is version 1, whose kinds these are.
-LOG_VERSION = 2
-KINDS = {"noise": "chunked", "fingerprint": "sums"}
+# Version 3: counter noise (device-independent) and the devices of every session.
+LOG_VERSION = 3
+KINDS = {"noise": NEW_RUN_KIND, "fingerprint": "sums"}
 VERSION_1_KINDS = {"noise": "tensor", "fingerprint": "sha256"}
 
 # Per-iteration scalar columns: name -> dtype.

@@ -18,7 +18,7 @@ import yaml
 from .comm import Comm
 from .config import Config, ConfigError
 from .config_load import apply_resume_overrides, config_from_dict
-from .engine import Engine
+from .engine import Engine, device_description, software_versions
 from .errors import ReplayMismatch, RunLogError
 from .evaluate import Evaluator, HeldoutScore, heldout_score
 from .modelio import check_model_dir, check_tokenizer, model_sha256
@@ -65,6 +65,18 @@ def check_inputs(cfg: Config) -> Path:
     return model_dir
 
 
+def session_devices(engine: Engine, comm: Comm) -> dict:
+    """Collective: every rank's device (description -> rank count) and rank 0's software,
+    for the session record (a run may move between CPUs and GPU models; docs/design.md)."""
+    described = comm.gather(device_description(engine.device))
+    if described is None:
+        return {}
+    counts: dict[str, int] = {}
+    for text in described:
+        counts[text] = counts.get(text, 0) + 1
+    return {"devices": counts, "software": software_versions()}
+
+
 def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> MasterWeights:
     def prepare() -> None:
         check_optional_packages(cfg)
@@ -87,6 +99,7 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
     checked_on_main(comm, prepare)
     engine = load_replica(cfg, comm)
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
+    devices = session_devices(engine, comm)
     if log is not None:
         log.set_attrs(sigma_scales=json.dumps(engine.weights.scales))
         log.add_session(
@@ -96,6 +109,7 @@ def start_run(cfg: Config, run_dir: Path, overwrite: bool, comm: Comm) -> Master
                 "ranks": comm.size,
                 "time": time.time(),
                 "load_seconds": engine.load_seconds,
+                **devices,
             }
         )
     Trainer(engine, make_task(cfg.task), run_dir, log).run(start=0)
@@ -153,6 +167,7 @@ def resume_run(
     engine = load_replica(cfg, comm, model_dir, data)
     from_checkpoint = restore_master(engine.weights, cfg, data, run_dir)
     log = RunLog(run_dir / LOG_NAME) if comm.is_main else None
+    devices = session_devices(engine, comm)
     if log is not None:
         log.set_attrs(config_yaml=cfg.to_yaml())
         log.add_session(
@@ -163,6 +178,7 @@ def resume_run(
                 "from_checkpoint": from_checkpoint,
                 "time": time.time(),
                 "load_seconds": engine.load_seconds,
+                **devices,
             }
         )
         print(
