@@ -139,3 +139,31 @@ def test_a_run_trained_with_one_kernel_set_replays_with_another(tiny_model_dir, 
     replay = ["replay", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
     result = run_cli(replay, env=scalar)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_one_pass_small_model_path_equals_the_per_tensor_path():
+    """Models of at most one chunk draw a member's noise for all tensors in one pass and
+    update members-outer: the same bits as the per-tensor pieces."""
+    from torch import nn
+
+    from es_mpi.perturb import MasterWeights
+
+    def weights(one_pass: bool) -> tuple[nn.Module, MasterWeights]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(30, 40), nn.LayerNorm(40), nn.Linear(40, 7))
+        w = MasterWeights(model, noise_kind="counter", noise_cache_bytes=4 * 3000)
+        w._one_pass = one_pass
+        w.scales = {name: (0.0 if name == "1.bias" else 0.7) for name in w.names}
+        return model, w
+
+    (model_a, a), (model_b, b) = weights(True), weights(False)
+    for seed in (3, 4):  # the first is cached (budget of one member), the second is not
+        a.materialise(seed, -1, 0.2)
+        b.materialise(seed, -1, 0.2)
+        pairs = zip(model_a.parameters(), model_b.parameters(), strict=True)
+        assert all(torch.equal(pa, pb) for pa, pb in pairs)
+    a.apply_update([(3, 0.5), (9, -0.25), (4, 0.125)])
+    b.apply_update([(3, 0.5), (9, -0.25), (4, 0.125)])
+    for name in a.names:
+        assert torch.equal(a.master[name], b.master[name]), name
+    assert a.update_norm_ratio == pytest.approx(b.update_norm_ratio, rel=1e-12)

@@ -170,10 +170,34 @@ class CounterNormal:
             self._block(out[start : start + n], start, k0, k1)
         return out
 
+    def fill_segments(self, out: torch.Tensor, streams: list[int], lengths: list[int]) -> None:
+        """Several streams' first elements back to back in one flat `out`, in one pass: the
+        same values as one `fill` per segment, without ~25 torch calls per small tensor."""
+        counters, segment = self._layout(tuple(lengths), out.device)
+        keys = torch.tensor([_int32(s) for s in streams] + [_int32(s >> 32) for s in streams])
+        keys = keys.to(device=out.device, dtype=torch.int32)
+        k0 = keys[: len(streams)][segment]
+        k1 = keys[len(streams) :][segment]
+        self._values(out, counters.clone(), k0, k1, torch.empty_like(k0), torch.empty_like(out))
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a handful of layouts per process
+    def _layout(self, lengths: tuple[int, ...], device: torch.device):
+        """Per element: its counter within its segment (int32) and its segment's index."""
+        count = torch.tensor(lengths, device=device)
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), count)
+        first = torch.cumsum(count, 0) - count
+        counters = (torch.arange(int(count.sum()), device=device) - first[segment]).to(torch.int32)
+        return counters, segment
+
     def _block(self, out: torch.Tensor, start: int, k0: int, k1: int) -> None:
         n = out.numel()
         h, t, v = self.hash[:n], self.shifted[:n], self.value[:n]
         torch.add(self.counter[:n], start, out=h)
+        self._values(out, h, k0, k1, t, v)
+
+    def _values(self, out, h, k0, k1, t, v) -> None:
+        """out <- the values of counters h (int32, overwritten) under keys k0, k1 (ints or
+        int32 tensors); t, v: int32 and float32 scratch of the same length."""
         h.mul_(_int32(_GOLDEN)).add_(k1).bitwise_xor_(k0)
         for shift, mask, multiplier in ((16, 0xFFFF, _MIX1), (15, 0x1FFFF, _MIX2)):
             h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=t).bitwise_and_(mask))

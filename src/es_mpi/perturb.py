@@ -24,7 +24,7 @@ from torch import nn
 from . import tensorfile
 from .fingerprint import fingerprint
 from .lowrank import LowRankNoise, float32
-from .noise import CHUNK_ELEMENTS, NEW_RUN_KIND, NoiseSource, pieces
+from .noise import CHUNK_ELEMENTS, NEW_RUN_KIND, NoiseSource, pieces, tensor_stream_seed
 
 # Below this many parameters one lane does everything (a thread hand-off costs more).
 PARALLEL_MIN_NUMEL = 2 * CHUNK_ELEMENTS
@@ -106,6 +106,11 @@ class MasterWeights:
             n for n in self.names if not isinstance(self.eval_params[n], torch.Tensor)
         ]
         self._whole_buf: torch.Tensor | None = None
+        # Counter noise of a model of at most one chunk: a member's noise in one pass over
+        # all its tensors (noise.CounterNormal.fill_segments), not ~25 torch calls per tensor.
+        self._one_pass = noise_kind == "counter" and self.numel <= CHUNK_ELEMENTS
+        self._whole_member: torch.Tensor | None = None
+        self._drawn: tuple[int, torch.Tensor] | None = None  # (member seed, its flat noise)
         # es.mode lowrank: the perturbations are B A^T / sqrt(r) (see lowrank.py)
         self.lowrank: LowRankNoise | None = None
         self.update_norm_ratio = 0.0  # of the latest update
@@ -161,7 +166,9 @@ class MasterWeights:
         be cached) or into the lane's scratch."""
         begin = self._offsets[piece.name]
         cached = self._cache.get(member_seed)
-        if cached is not None:  # filled when this member was evaluated
+        if cached is None and self._drawn is not None and self._drawn[0] == member_seed:
+            cached = self._drawn[1]
+        if cached is not None:  # filled when this member was evaluated (or drawn whole)
             return cached[begin + piece.start : begin + piece.stop]
         if slot is not None:
             out = slot[begin + piece.start : begin + piece.stop]
@@ -171,12 +178,26 @@ class MasterWeights:
 
     def clear_noise_cache(self) -> None:
         self._cache.clear()
+        self._drawn = None
+
+    def _draw_whole(self, member_seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A member's counter noise of every tensor, flat in name order, in one pass."""
+        if out is None:
+            if self._whole_member is None:
+                self._whole_member = torch.empty(self.numel, device=self.device)
+            out = self._whole_member
+        streams = [tensor_stream_seed(member_seed, p.name, p.chunk) for p in self.pieces]
+        source = self._lanes[0].source.counter
+        source.fill_segments(out, streams, [p.stop - p.start for p in self.pieces])
+        return out
 
     def materialise(self, member_seed: int, sign: int, sigma: float) -> None:
         """eval copy <- master + sign * sigma * eps(member_seed), rounded once to its dtype."""
         if self.lowrank is not None:
             return self._materialise_lowrank(member_seed, sign, sigma)
         slot = None if member_seed in self._cache else self._free_slot()
+        if self._one_pass and member_seed not in self._cache:
+            self._drawn = (member_seed, self._draw_whole(member_seed, slot))
 
         def work(lane: Lane, piece: Piece) -> None:
             scale = self.scales[piece.name]
@@ -241,6 +262,8 @@ class MasterWeights:
         Also sets `update_norm_ratio` = |update| / |master after the update| (a metric)."""
         if self.lowrank is not None:
             squares = [self._update_lowrank(name, coefficients) for name in self.names]
+        elif self._one_pass:
+            squares = self._update_one_pass(coefficients)
         else:
             squares = self._run(
                 lambda lane, piece: self._update_piece(lane, piece, coefficients), self.pieces
@@ -271,6 +294,29 @@ class MasterWeights:
                 scale = 1.0  # already in acc, for the metric below
             update_sq = (torch.linalg.vector_norm(acc).double() * abs(scale)) ** 2
         return update_sq, torch.linalg.vector_norm(master).double() ** 2
+
+    def _update_one_pass(self, coefficients: list[tuple[int, float]]) -> list:
+        """_update_piece's arithmetic for every tensor at once, members outer: per element
+        the same products and sums in the same order, so the same bits."""
+        acc = torch.zeros(self.numel, device=self.device)
+        product = torch.empty(self.numel, device=self.device)
+        for seed, coef in coefficients:
+            eps = self._cache.get(seed)
+            acc.add_(
+                torch.mul(
+                    eps if eps is not None else self._draw_whole(seed), float32(coef), out=product
+                )
+            )
+        squares = []
+        for name in self.names:
+            master, scale = self.master[name].view(-1), self.scales[name]
+            update_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            if coefficients and scale != 0.0:
+                part = acc[self._offsets[name] : self._offsets[name] + master.numel()]
+                master.add_(part.mul_(float32(scale)) if scale != 1.0 else part)
+                update_sq = torch.linalg.vector_norm(part).double() ** 2
+            squares.append((update_sq, torch.linalg.vector_norm(master).double() ** 2))
+        return squares
 
     def _update_lowrank(
         self, name: str, coefficients: list[tuple[int, float]]
