@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "doctor", help="per rank: MPI library, world size vs launcher, device, torch build"
     )
-    for command in (t, r, e, d):
+    for command in (t, r, rp, e, d):
         command.add_argument(
             "--device",
             choices=("auto", "cpu", "cuda"),
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace, comm) -> None:
 
     # The config is checked before the heavy imports, so bad input fails in a fraction of a second.
     cfg = None
-    if getattr(args, "device", None):
+    if getattr(args, "device", None) and args.command != "replay":
         args.set.append(f"runtime.device={args.device}")
     if args.command == "train":
         tensorboard = ["runtime.tensorboard=true"] if args.tensorboard else []
@@ -180,7 +180,7 @@ def _run(args: argparse.Namespace, comm) -> None:
     elif args.command == "resume":
         session.resume_run(args.run_dir, args.iterations, comm, args.set)
     elif args.command == "replay":
-        session.replay_run(args.run_dir, args.out, comm)
+        session.replay_run(args.run_dir, args.out, comm, args.device)
 
 
 def _inspect(args: argparse.Namespace) -> None:

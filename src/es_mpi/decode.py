@@ -3,9 +3,10 @@
 Why: on a CPU, a tiny model's `generate` spends a large share of its time outside the matrix
 products (growing the KV cache by concatenation, per-step bookkeeping, attention kernels
 made for long sequences); ES decodes short completions thousands of times per iteration.
-This loop preallocates the KV cache, fuses q/k/v and gate/up into one product each, keeps
-the residual stream, norms, rotary and attention in float32, and runs the linear layers in
-the weights' dtype (bfloat16 weights use the CPU's bf16 matrix units where it has them).
+This loop preallocates the KV cache (in the weights' dtype, grouped-query heads stored and
+read once), fuses q/k/v and gate/up into one product each, keeps the residual stream, norms,
+rotary and softmax in float32, and runs the linear layers and the attention products in the
+weights' dtype (bfloat16 weights use the CPU's bf16 matrix units where it has them).
 
 Its output has `generate`'s layout: prompt + new tokens, pad after each row's end token,
 stopped when every row has ended (on any of the end ids) or after max_new_tokens. It reads
@@ -149,9 +150,12 @@ class _Decoder:
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
         self.layers = [_Layer(layer) for layer in inner.layers]
+        # The KV cache in the weights' dtype (bf16 copies: half the bytes of float32), each
+        # grouped-query key/value head stored once: no copy per query head.
         shape = (len(self.layers), batch, self.kv_heads, total, self.head_dim)
-        self.keys = torch.zeros(shape, device=self.embed.device)
-        self.values = torch.zeros(shape, device=self.embed.device)
+        self.cache_dtype = self.layers[0].qkv.dtype
+        self.keys = torch.zeros(shape, device=self.embed.device, dtype=self.cache_dtype)
+        self.values = torch.zeros(shape, device=self.embed.device, dtype=self.cache_dtype)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq
@@ -169,17 +173,26 @@ class _Decoder:
             q, k, v = qkv.view(b, n, h + 2 * kvh, d).transpose(1, 2).split([h, kvh, kvh], 1)
             self.keys[i, :, :, start:end] = _rotate(k, cos, sin)
             self.values[i, :, :, start:end] = v
-            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
-            if kvh != h:
-                keys = keys.repeat_interleave(h // kvh, dim=1)
-                values = values.repeat_interleave(h // kvh, dim=1)
-            scores = torch.matmul(_rotate(q, cos, sin), keys.transpose(-1, -2))
-            weights = torch.softmax(scores * layer.scaling + mask, dim=-1)
-            out = torch.matmul(weights, values).transpose(1, 2).reshape(b, n, h * d)
+            out = self.attend(_rotate(q, cos, sin), i, end, layer.scaling, mask)
+            out = out.transpose(1, 2).reshape(b, n, h * d)
             x = x + _linear(out, layer.o, layer.o_bias)
             gate, up = _linear(_rms(x, layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
             x = x + _linear(F.silu(gate) * up, layer.down)
         return _rms(x[:, -1], self.norm, self.eps)
+
+    def attend(self, q: torch.Tensor, i: int, end: int, scaling: float, mask) -> torch.Tensor:
+        """Attention of q (batch, heads, n, head_dim; float32) over cache positions :end of
+        layer i. Grouped-query heads: the g query heads of one key/value head are stacked as
+        g x n rows of one product with that head's keys (HF's repeat_interleave order), so
+        the cache is read in place. Products in the cache's dtype, softmax in float32."""
+        b, h, n, d = q.shape
+        kvh, g = self.kv_heads, h // self.kv_heads
+        keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
+        rows = q.to(self.cache_dtype).reshape(b, kvh, g * n, d)
+        scores = torch.matmul(rows, keys.transpose(-1, -2)).float().view(b, h, n, end)
+        weights = torch.softmax(scores * scaling + mask, dim=-1)
+        out = torch.matmul(weights.to(self.cache_dtype).view(b, kvh, g * n, end), values)
+        return out.float().view(b, h, n, d)
 
     def next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         return _linear(hidden, self.lm_head).argmax(-1)

@@ -47,7 +47,15 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     make_cuda_deterministic()
     # CUDA_VISIBLE_DEVICES already narrowed by the scheduler is honoured: torch numbers the
     # visible devices only, and node-local rank k takes the k-th of them.
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)  # kernels and allocations without an explicit device go here
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (before reading a clock; no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cuda_problem() -> str:

@@ -190,9 +190,12 @@ def resume_run(
     return engine.weights
 
 
-def replay_run(run_dir: Path, out: Path, comm: Comm) -> int:
-    """Rebuild the weights from the base model and the log alone; check every checksum."""
+def replay_run(run_dir: Path, out: Path, comm: Comm, device: str | None = None) -> int:
+    """Rebuild the weights from the base model and the log alone; check every checksum.
+    `device` replaces the run's runtime.device (a counter-noise log replays on any)."""
     cfg, data, model_dir = checked_on_main(comm, lambda: read_run(run_dir, truncate=False))
+    if device:
+        cfg.runtime.device = device
     engine = load_replica(cfg, comm, model_dir, data)
     replay_rows(engine.weights, cfg, data, 0, data.iterations_done, verify_each=True)
     if comm.is_main:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .checkpoint import save_checkpoint
 from .comm import deal_members
-from .engine import Engine, peak_rss_bytes
+from .engine import Engine, peak_rss_bytes, synchronize
 from .errors import Interrupted
 from .evaluate import Evaluator, HeldoutScore, PromptBatch, heldout_score
 from .launch import job_end_time
@@ -68,6 +68,7 @@ class Trainer:
         for n in members:
             t0 = time.perf_counter()
             self.weights.materialise(int(population.seeds[n]), int(population.signs[n]), sigma)
+            synchronize(self.engine.device)  # GPU kernels are queued: time them, not the queueing
             perturb_seconds += time.perf_counter() - t0
             rewards.append(float(self.evaluator.rewards(batch).mean()))
         return rewards, perturb_seconds
@@ -89,6 +90,7 @@ class Trainer:
                 self.weights.scales,
                 dtype,
             )
+            synchronize(self.engine.device)
             perturb_seconds += time.perf_counter() - t0
             size = ids.stop - ids.start
             try:
