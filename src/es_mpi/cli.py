@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("train", "resume"):  # before the model load: a stop then is exit 75
         listen_for_stop_signals()
-    launch_error = _launch_error(comm)
+    from .launch import world_size_error  # the launcher's rank count (docs/clusters.md)
+
+    launch_error = world_size_error(comm.size)
     if args.command == "doctor":
         from .doctor import doctor
 
@@ -314,16 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - one failure stops all (invariant 6)
         _fail(comm, exc)
     return 0
-
-
-def _launch_error(comm) -> str | None:
-    """The MPI world against the launcher's and scheduler's rank count (docs/clusters.md)."""
-    from .launch import world_size_error
-
-    try:
-        return world_size_error(comm.size)
-    except ValueError as exc:
-        return str(exc)
 
 
 def _fail(comm, exc: BaseException) -> None:

@@ -32,10 +32,7 @@ def rank_report(comm: Comm, device: str) -> dict[str, Any]:
     from .engine import cuda_problem, pick_device
 
     problems = []
-    try:
-        size_error = world_size_error(comm.size)
-    except ValueError as exc:
-        size_error = str(exc)
+    size_error = world_size_error(comm.size)
     if size_error:
         problems.append(size_error)
     library = "none (one process, no MPI)"

@@ -58,8 +58,13 @@ def _pbs_mpiprocs(nodefile: str) -> ExpectedRanks:
 
 
 def world_size_error(world_size: int, env: Mapping[str, str] | None = None) -> str | None:
-    """A one-line explanation when the MPI world differs from the announced rank count."""
-    for expected in expected_ranks(env):
+    """A one-line explanation when the MPI world differs from the announced rank count (or
+    when a variable that announces it is not a number)."""
+    try:
+        announced = expected_ranks(env)
+    except ValueError as exc:
+        return str(exc)
+    for expected in announced:
         if expected.count > 0 and expected.count != world_size:
             return (
                 f"the MPI world has {world_size} rank(s) but {expected.source} says "

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .noise import NEW_RUN_KIND, NoiseSource
+from .noise import NEW_RUN_KIND, NoiseSource, accumulate, float32, separately_rounded
 
 
 class LowRankNoise:
@@ -48,7 +47,7 @@ class LowRankNoise:
         self.noise = NoiseSource(device, kind)
         self.device = device
         # counter kind: the update in elementwise float32 operations (device-independent)
-        self.elementwise = kind == "counter"
+        self.elementwise = separately_rounded(kind)
 
     def is_perturbed(self, name: str) -> bool:
         return len(self.shapes[name]) == 2 or self.perturb_vectors
@@ -79,11 +78,9 @@ class LowRankNoise:
             return None
         if len(self.shapes[name]) == 1:
             acc = torch.zeros(self.shapes[name], dtype=torch.float32, device=self.device)
+            product = torch.empty_like(acc) if self.elementwise else None
             for seed, coef in coefficients:
-                if self.elementwise:
-                    acc.add_(self.vector(seed, name).mul_(float32(coef)))
-                else:
-                    acc.add_(self.vector(seed, name), alpha=coef)
+                accumulate(acc, self.vector(seed, name), coef, product)
             return acc
         if self.elementwise:
             return self._outer_sum(name, coefficients)
@@ -106,12 +103,6 @@ class LowRankNoise:
             for j in range(self.rank):
                 acc.add_(torch.mul(b[:, j : j + 1], a[:, j], out=term))
         return acc
-
-
-def float32(value: float) -> float:
-    """A Python float rounded to float32 first: a scalar factor then means the same on
-    every device (CPU and CUDA kernels both multiply float32 tensors in float32)."""
-    return float(np.float32(value))
 
 
 class PopulationHooks:

@@ -92,6 +92,42 @@ class NoiseSource:
         return self.fill(out, member_seed, tensor_name, chunk)
 
 
+# --- the update's arithmetic of each kind -----------------------------------------------------
+
+
+def separately_rounded(kind: str) -> bool:
+    """Does this kind's update round every product and sum on its own (counter: the same
+    bits on every device), or use fused multiply-adds (older kinds, bits of their device)?"""
+    return kind == "counter"
+
+
+def float32(value: float) -> float:
+    """A Python float rounded to float32 first: a scalar factor then means the same on
+    every device (CPU and CUDA kernels both multiply float32 tensors in float32)."""
+    return float(np.float32(value))
+
+
+def accumulate(
+    acc: torch.Tensor, eps: torch.Tensor, coef: float, product: torch.Tensor | None
+) -> None:
+    """acc += coef * eps: fused when `product` is None (older kinds), else the product
+    rounded into `product` first, then added (counter kind)."""
+    if product is None:
+        acc.add_(eps, alpha=coef)
+    else:
+        acc.add_(torch.mul(eps, float32(coef), out=product))
+
+
+def add_scaled(master: torch.Tensor, acc: torch.Tensor, scale: float, separate: bool) -> float:
+    """master += scale * acc (fused, or scale applied to acc first when `separate`, which
+    changes acc). Returns the factor |acc| still needs to measure the update."""
+    if not separate:
+        master.add_(acc, alpha=scale)
+        return scale
+    master.add_(acc.mul_(float32(scale)) if scale != 1.0 else acc)
+    return 1.0
+
+
 # --- the counter kind -----------------------------------------------------------------------
 # Element j of a stream with 64-bit key (k0, k1):
 #   h = lowbias32((j * 0x9E3779B9 + k1) ^ k0)            32-bit wrap-around arithmetic

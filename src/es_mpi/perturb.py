@@ -23,8 +23,17 @@ from torch import nn
 
 from . import tensorfile
 from .fingerprint import fingerprint
-from .lowrank import LowRankNoise, float32
-from .noise import CHUNK_ELEMENTS, NEW_RUN_KIND, NoiseSource, pieces, tensor_stream_seed
+from .lowrank import LowRankNoise
+from .noise import (
+    CHUNK_ELEMENTS,
+    NEW_RUN_KIND,
+    NoiseSource,
+    accumulate,
+    add_scaled,
+    pieces,
+    separately_rounded,
+    tensor_stream_seed,
+)
 
 # Below this many parameters one lane does everything (a thread hand-off costs more).
 PARALLEL_MIN_NUMEL = 2 * CHUNK_ELEMENTS
@@ -45,8 +54,10 @@ class Lane:
         self.source = NoiseSource(device, kind)
         self.noise = torch.empty(size, dtype=torch.float32, device=device)
         self.acc = torch.empty(size, dtype=torch.float32, device=device)
-        self.product = (
-            torch.empty(size, dtype=torch.float32, device=device) if kind == "counter" else None
+        self.product = (  # counter kind: each product rounded here before it is added
+            torch.empty(size, dtype=torch.float32, device=device)
+            if separately_rounded(kind)
+            else None
         )
 
 
@@ -281,18 +292,13 @@ class MasterWeights:
         scale = self.scales[piece.name]
         update_sq = torch.zeros((), dtype=torch.float64, device=self.device)
         if coefficients and scale != 0.0:
-            acc = lane.acc[: piece.stop - piece.start].zero_()
-            if lane.product is None:  # older kinds: fused multiply-adds, device-dependent bits
-                for seed, coef in coefficients:
-                    acc.add_(self._noise(lane, piece, seed), alpha=coef)
-                master.add_(acc, alpha=scale)
-            else:  # counter kind: each product and each sum rounded on its own, in order
-                product = lane.product[: piece.stop - piece.start]
-                for seed, coef in coefficients:
-                    acc.add_(torch.mul(self._noise(lane, piece, seed), float32(coef), out=product))
-                master.add_(acc.mul_(float32(scale)) if scale != 1.0 else acc)
-                scale = 1.0  # already in acc, for the metric below
-            update_sq = (torch.linalg.vector_norm(acc).double() * abs(scale)) ** 2
+            size = piece.stop - piece.start
+            acc = lane.acc[:size].zero_()
+            product = None if lane.product is None else lane.product[:size]
+            for seed, coef in coefficients:
+                accumulate(acc, self._noise(lane, piece, seed), coef, product)
+            left = add_scaled(master, acc, scale, product is not None)
+            update_sq = (torch.linalg.vector_norm(acc).double() * abs(left)) ** 2
         return update_sq, torch.linalg.vector_norm(master).double() ** 2
 
     def _update_one_pass(self, coefficients: list[tuple[int, float]]) -> list:
@@ -302,18 +308,14 @@ class MasterWeights:
         product = torch.empty(self.numel, device=self.device)
         for seed, coef in coefficients:
             eps = self._cache.get(seed)
-            acc.add_(
-                torch.mul(
-                    eps if eps is not None else self._draw_whole(seed), float32(coef), out=product
-                )
-            )
+            accumulate(acc, eps if eps is not None else self._draw_whole(seed), coef, product)
         squares = []
         for name in self.names:
             master, scale = self.master[name].view(-1), self.scales[name]
             update_sq = torch.zeros((), dtype=torch.float64, device=self.device)
             if coefficients and scale != 0.0:
                 part = acc[self._offsets[name] : self._offsets[name] + master.numel()]
-                master.add_(part.mul_(float32(scale)) if scale != 1.0 else part)
+                add_scaled(master, part, scale, separate=True)
                 update_sq = torch.linalg.vector_norm(part).double() ** 2
             squares.append((update_sq, torch.linalg.vector_norm(master).double() ** 2))
         return squares
@@ -325,13 +327,8 @@ class MasterWeights:
         update_sq = torch.zeros((), dtype=torch.float64, device=self.device)
         acc = self.lowrank.weighted_sum(name, coefficients) if self.scales[name] else None
         if acc is not None:
-            scale = self.scales[name]
-            if self.lowrank.elementwise:  # as in _update_piece
-                master.add_(acc.mul_(float32(scale)) if scale != 1.0 else acc)
-                scale = 1.0
-            else:
-                master.add_(acc, alpha=scale)
-            update_sq = (torch.linalg.vector_norm(acc).double() * abs(scale)) ** 2
+            left = add_scaled(master, acc, self.scales[name], self.lowrank.elementwise)
+            update_sq = (torch.linalg.vector_norm(acc).double() * abs(left)) ** 2
         return update_sq, torch.linalg.vector_norm(master).double() ** 2
 
     def state_dict(self) -> dict[str, torch.Tensor]:

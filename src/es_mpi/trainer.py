@@ -230,9 +230,7 @@ class Trainer:
     def stop_reason(self) -> str | None:
         """Collective: a signal on any rank, or rank 0's clock (the session's time limit,
         the job's end), stops every rank before the same iteration."""
-        reason = stop_signal()
-        if reason is None and self.comm.is_main:
-            reason = self.clock.reason()
+        reason = self.clock.reason() if self.comm.is_main else stop_signal()
         return next((r for r in self.comm.allgather(reason) if r), None)
 
     def interrupt(self, done: int, reason: str) -> None:
