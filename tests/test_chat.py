@@ -111,10 +111,10 @@ def test_chat_template_problems_are_config_errors(tmp_path):
 def test_decoder_auto_picks_fast_where_it_runs():
     for name, expected in (("qwen2", "fast"), ("llama3", "fast"), ("gemma3", "hf")):
         model, _ = load(name)
-        assert resolve_decoder("auto", model, lowrank=False) == expected, name
-        assert resolve_decoder("auto", model, lowrank=True) == "hf"
+        assert resolve_decoder("auto", model, vector_hooks=False) == expected, name
+        assert resolve_decoder("auto", model, vector_hooks=True) == "hf"
         assert resolve_decoder("auto", model, int8=True) == "hf"
-        assert resolve_decoder("hf", model, lowrank=False) == "hf"
+        assert resolve_decoder("hf", model, vector_hooks=False) == "hf"
     gemma, _ = load("gemma3")
     assert "gemma3_text" in fast_decode_problem(gemma)
 

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from conftest import ROOT
 from es_mpi.config import ConfigError
 from es_mpi.config_load import load_config
-from es_mpi.decode import _Decoder, fast_decode_problem
+from es_mpi.decode import _Decoder, fast_decode_problem, greedy_decode
 from es_mpi.evaluate import Evaluator
 from es_mpi.modelio import load_model, load_tokenizer
 from es_mpi.tasks import make_task
@@ -98,8 +98,64 @@ def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
         allowed = (torch.ones(7, 7).tril().bool() & mask.bool()[:, None, :]) | torch.eye(7).bool()
         additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
         hidden = dec.forward(model.model.embed_tokens(ids), 0, cos, sin, additive[:, None])
-        got = torch.nn.functional.linear(hidden, dec.lm_head)
+        got = dec.lm_head(hidden)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_static_token_steps_match_the_models_forward_pass():
+    """The token step (whole-cache shapes, positions and cache writes addressed by a tensor,
+    as a CUDA graph replays it): after 3 steps of a left-padded GQA batch, the last logits
+    equal the model's forward pass over prompt + the greedy tokens."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 50, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = greedy_decode(model, ids, mask, 4, end_ids=999, pad_token_id=0)
+    assert out.shape == (3, 10)
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
+    with torch.no_grad():
+        logits = model(input_ids=out, attention_mask=full_mask, position_ids=positions).logits
+    # each new token is the argmax of the model's logits at the position before it
+    assert torch.equal(logits[:, 5:9].argmax(-1), out[:, 6:10])
+
+
+def test_asking_whether_rows_ended_less_often_gives_the_same_completions():
+    """The end check every 8 steps (as on a GPU) runs steps past the end and trims them: the
+    same tokens and width as checking every step, with rows that end at different steps."""
+    torch.set_num_threads(1)
+    model, tokenizer, task = _shipped()
+    _perturb(model, seed=3, scale=0.3)
+    evaluator = Evaluator(model, tokenizer, task, 40, "fast")
+    batch = evaluator.encode(task.train[:32])
+
+    def decode(check_every: int) -> torch.Tensor:
+        return greedy_decode(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            40,
+            evaluator._end_ids,
+            evaluator.generation.pad_token_id,
+            check_every=check_every,
+        )
+
+    each, lazy = decode(1), decode(8)
+    assert torch.equal(each, lazy)
+    new = each[:, batch.input_ids.shape[1] :]
+    ended = torch.isin(new, evaluator._end_ids)
+    assert new.shape[1] < 40  # every row ended before the limit: the trim decided the width
+    assert len(set(ended.float().argmax(1).tolist())) > 1  # rows end at different steps
 
 
 def test_unsupported_models_and_settings_are_refused():
@@ -114,8 +170,9 @@ def test_unsupported_models_and_settings_are_refused():
     _, tokenizer, task = _shipped()
     with pytest.raises(ConfigError, match="'runtime.decoder'"):
         Evaluator(gpt2, tokenizer, task, 4, "fast")
-    for override in ("es.mode=lowrank", "model.eval_dtype=int8"):
+    for overrides in (["es.mode=lowrank", "es.lowrank_vectors=full"], ["model.eval_dtype=int8"]):
         with pytest.raises(ConfigError, match="'runtime.decoder'"):
-            load_config(None, ["runtime.decoder=fast", override])
+            load_config(None, ["runtime.decoder=fast", *overrides])
+    load_config(None, ["runtime.decoder=fast", "es.mode=lowrank"])  # frozen vectors: fine
     with pytest.raises(ConfigError, match="'runtime.decoder'"):
         load_config(None, ["runtime.decoder=vllm"])

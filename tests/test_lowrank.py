@@ -105,6 +105,40 @@ def test_batched_hooks_equal_materialised_members(tiny_model_dir, model, rank, v
     hooks.remove()
 
 
+@pytest.mark.parametrize("model, rank", [("qwen2-tiny-chat", 2), ("llama3-tiny-chat", 1)])
+def test_fast_decoder_adds_the_members_deltas(model, rank):
+    """runtime.decoder fast in es.mode lowrank: several members decoded in one batch (the
+    decoder adds the hooks' deltas itself) give the tokens of each member materialised and
+    decoded alone, and of generate through the hooks (Qwen2 with q/k/v biases, tied
+    embedding; Llama-3 rank 1)."""
+    torch.set_num_threads(1)
+    engine = lowrank_engine(MODELS / model, **{"es.rank": rank, "es.sigma": 0.02})
+    weights, model = engine.weights, engine.model
+    task = make_task(engine.cfg.task)
+    fast = Evaluator(model, engine.tokenizer, task, 8, "fast")
+    batch = fast.encode(task.train[:4])
+    sigma = engine.cfg.es.sigma
+    alone = []
+    for seed, sign in zip(SEEDS, SIGNS, strict=True):
+        weights.materialise(seed, sign, sigma)
+        alone.append(fast.generate(batch)[0])
+    weights.load_master()
+    plain = fast.generate(batch)[0]
+
+    hooks = PopulationHooks(model, weights.lowrank)
+    fast.population = hooks
+    hooks.activate(SEEDS, SIGNS, sigma, weights.scales, torch.float32)
+    many = batch.repeat(len(SEEDS))
+    batched = fast.generate(many)[0]
+    through_hooks = Evaluator(model, engine.tokenizer, task, 8, "hf").generate(many)[0]
+    hooks.deactivate()
+    hooks.remove()
+
+    assert torch.equal(batched, torch.cat(alone))
+    assert torch.equal(batched, through_hooks)
+    assert not all(torch.equal(plain, member) for member in alone)  # the deltas change tokens
+
+
 def test_update_moves_2d_weights_only_when_vectors_frozen(tiny_model_dir):
     engine = lowrank_engine(tiny_model_dir)
     before = {n: t.clone() for n, t in engine.weights.master.items()}

@@ -120,6 +120,23 @@ def test_per_tensor_scale_multiplies_sigma_and_alpha():
     torch.testing.assert_close(weights.master["b"], before + weights.scales["b"] * 0.5 * eps_b)
 
 
+def test_per_tensor_std_is_exact_whatever_the_summation_order():
+    """Exact integer sums: the std does not change when the elements are permuted (a float64
+    sum's last bits do for these heavy-tailed values, seed 0), and it is the tensor's std to
+    1e-5 (the grid is 2^-20 of the largest value)."""
+    from es_mpi.perturb import per_tensor_std
+
+    generator = torch.Generator().manual_seed(0)
+    t = torch.randn(1_000_003, generator=generator)
+    t *= torch.exp(4 * torch.randn(t.numel(), generator=generator))  # magnitudes over 1e-5..1e5
+    permuted = t[torch.randperm(t.numel(), generator=generator)]
+    got = per_tensor_std({"w": t})["w"]
+    assert got == per_tensor_std({"w": permuted})["w"]
+    assert got == pytest.approx(float(t.double().std()), rel=1e-5)
+    assert per_tensor_std({"one": torch.tensor([-0.5])}) == {"one": 0.5}
+    assert per_tensor_std({"zeros": torch.zeros(4)}) == {"zeros": 0.0}
+
+
 def test_sigma_scales_logged_or_derived_from_the_base():
     from es_mpi.config_load import load_config
     from es_mpi.perturb import per_tensor_std

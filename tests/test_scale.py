@@ -170,12 +170,12 @@ def test_fused_storage_is_read_without_a_copy():
         _fused([attn.q_proj.weight, attn.k_proj.weight]).data_ptr() != attn.q_proj.weight.data_ptr()
     )
     fuse_weight_storage(model)
-    layer = _Layer(model.model.layers[0])
-    assert layer.qkv.data_ptr() == attn.q_proj.weight.data_ptr() and torch.equal(layer.qkv, before)
+    names = {id(p): name for name, p in model.named_parameters()}
+    qkv = _Layer(model.model.layers[0], names).qkv.weight
+    assert qkv.data_ptr() == attn.q_proj.weight.data_ptr() and torch.equal(qkv, before)
     attn.k_proj.weight.data.add_(1.0)  # writes through the parameter reach the fused view
-    assert torch.equal(
-        _Layer(model.model.layers[0]).qkv[attn.q_proj.weight.shape[0]], attn.k_proj.weight[0]
-    )
+    qkv = _Layer(model.model.layers[0], names).qkv.weight
+    assert torch.equal(qkv[attn.q_proj.weight.shape[0]], attn.k_proj.weight[0])
 
 
 def test_new_logs_name_their_kinds(tmp_path, tiny_model_dir):

@@ -399,11 +399,17 @@ class RuntimeConfig:
     tensorboard package; the run log is always written)."""
     decoder: str = "auto"
     """Greedy decoding: hf (transformers' generate, any causal LM), fast (es_mpi.decode:
-    Llama and Qwen2 architectures, es.mode full, float evaluation copies; preallocated KV
-    cache, fused products; with a bfloat16 copy its matrix products run in bf16) or auto
+    Llama and Qwen2 architectures, float evaluation copies, es.mode full or lowrank with
+    frozen vectors; preallocated KV cache, fused products, low-rank deltas added to each
+    product; with a bfloat16 copy its matrix products run in bf16) or auto
     (fast where it supports the model and settings, hf otherwise; decided from the model, so
     the same on every rank and on resume). Part of the result: fast and hf agree in the last
     bits only, so greedy tokens can differ."""
+    cuda_graphs: bool = True
+    """With the fast decoder on a GPU: each new token's step is captured once per generation
+    call in a CUDA graph and replayed (one launch per token instead of one per kernel from
+    Python; the same kernels on the same shapes as an eager step). false: eager steps. No
+    effect on the CPU."""
 
     def __post_init__(self) -> None:
         _require(self.threads >= 1, "runtime.threads", "must be >= 1")
@@ -477,9 +483,13 @@ class Config:
             "int8 is for es.mode full (low-rank hooks add to float activations)",
         )
         _require(
-            not (self.runtime.decoder == "fast" and self.es.mode == "lowrank"),
+            not (
+                self.runtime.decoder == "fast"
+                and self.es.mode == "lowrank"
+                and self.es.lowrank_vectors == "full"
+            ),
             "runtime.decoder",
-            "fast reads the weights directly, so it cannot see low-rank hooks: use hf",
+            "fast adds low-rank deltas to matrices only (es.lowrank_vectors full needs hf)",
         )
         _require(
             not (self.runtime.decoder == "fast" and self.model.eval_dtype == "int8"),

@@ -117,6 +117,7 @@ RESUME_SETTABLE = (
     "runtime.stop_margin_seconds",
     "runtime.verify_every",
     "runtime.device",
+    "runtime.cuda_graphs",
     "runtime.tensorboard",
     "checkpoint.every",
     "checkpoint.keep",

@@ -11,8 +11,15 @@ weights' dtype (bfloat16 weights use the CPU's bf16 matrix units where it has th
 Its output has `generate`'s layout: prompt + new tokens, pad after each row's end token,
 stopped when every row has ended (on any of the end ids) or after max_new_tokens. It reads
 the model's parameters at each call, so an evaluation copy overwritten in place (a perturbed
-member) is decoded as it is. Positions follow `generate` for left-padded prompts
-(attention_mask.cumsum - 1).
+member) is decoded as it is; in es.mode lowrank it adds the active members' low-rank deltas
+to each product and embedding row itself (the modules' hooks never run: it reads weights,
+not modules). Positions follow `generate` for left-padded prompts (attention_mask.cumsum - 1).
+
+After the prompt, each new token is one call of a step whose shapes and addresses never
+change (it attends over the whole preallocated cache with the unwritten positions masked,
+and keeps its state in tensors): on a GPU that step is captured once per call in a CUDA
+graph and replayed per token, one launch instead of hundreds of kernel launches from Python
+(the per-token cost of a small model on a GPU). The CPU runs the same step eagerly.
 """
 
 from __future__ import annotations
@@ -104,27 +111,44 @@ def _fused(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(weights)
 
 
-class _Layer:
-    """One decoder layer's weights for this call: q/k/v and gate/up fused into one matrix."""
+class _Product:
+    """One matrix product of a layer: the row blocks of one or more modules' weights (fused),
+    an optional bias, and each block's parameter name, where es.mode lowrank adds the
+    active members' deltas (lowrank.PopulationHooks.linear_delta). float32 in and out; the
+    product in the weight's dtype."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, modules: list[nn.Linear], names: dict[int, str]) -> None:
+        self.weight = _fused([m.weight for m in modules])
+        biases = [m.bias for m in modules]
+        self.bias = None if biases[0] is None else torch.cat(biases).float()
+        self.parts = [(names[id(m.weight)], m.weight.shape[0]) for m in modules]
+
+    def __call__(self, x: torch.Tensor, population=None) -> torch.Tensor:
+        x = x.to(self.weight.dtype)
+        y = F.linear(x, self.weight).float()
+        if self.bias is not None:
+            y = y + self.bias
+        if population is not None:
+            start = 0
+            for name, width in self.parts:
+                if (delta := population.linear_delta(name, x)) is not None:
+                    y[..., start : start + width] += delta.float()
+                start += width
+        return y
+
+
+class _Layer:
+    """One decoder layer's weights for this call: q/k/v and gate/up fused into one product."""
+
+    def __init__(self, layer: nn.Module, names: dict[int, str]) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        self.qkv_bias = None if biases[0] is None else torch.cat(biases).float()
-        self.o = attn.o_proj.weight
-        self.o_bias = attn.o_proj.bias
-        self.gate_up = _fused([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self.down = mlp.down_proj.weight
+        self.qkv = _Product([attn.q_proj, attn.k_proj, attn.v_proj], names)
+        self.o = _Product([attn.o_proj], names)
+        self.gate_up = _Product([mlp.gate_proj, mlp.up_proj], names)
+        self.down = _Product([mlp.down_proj], names)
         self.norm_in = layer.input_layernorm.weight.float()
         self.norm_post = layer.post_attention_layernorm.weight.float()
         self.scaling = float(attn.scaling)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """float32 in and out; the product in the weight's dtype."""
-    y = F.linear(x.to(weight.dtype), weight).float()
-    return y if bias is None else y + bias.float()
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -137,23 +161,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Decoder:
-    def __init__(self, model: nn.Module, batch: int, total: int) -> None:
+    """The model's weights for one call and its KV cache (batch x total positions)."""
+
+    def __init__(self, model: nn.Module, batch: int, total: int, population=None) -> None:
         cfg = model.config
         inner = model.model
+        names = {id(p): name for name, p in model.named_parameters()}
+        # es.mode lowrank: the members whose deltas each product adds (None: plain weights)
+        self.population = population if population is not None and population.members else None
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
         self.embed = inner.embed_tokens.weight
-        self.lm_head = model.get_output_embeddings().weight
+        self.embed_name = names[id(self.embed)]
+        self.lm_head = _Product([model.get_output_embeddings()], names)
         self.norm = inner.norm.weight.float()
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
-        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.layers = [_Layer(layer, names) for layer in inner.layers]
         # The KV cache in the weights' dtype (bf16 copies: half the bytes of float32), each
         # grouped-query key/value head stored once: no copy per query head.
         shape = (len(self.layers), batch, self.kv_heads, total, self.head_dim)
-        self.cache_dtype = self.layers[0].qkv.dtype
+        self.cache_dtype = self.layers[0].qkv.weight.dtype
         self.keys = torch.zeros(shape, device=self.embed.device, dtype=self.cache_dtype)
         self.values = torch.zeros(shape, device=self.embed.device, dtype=self.cache_dtype)
 
@@ -162,40 +192,126 @@ class _Decoder:
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # batch, 1, position, head_dim
         return angles.cos() * self.rope_scale, angles.sin() * self.rope_scale
 
-    def forward(self, x, start: int, cos, sin, mask) -> torch.Tensor:
-        """x: (batch, n, hidden) float32 at cache positions start..start+n; returns the
-        final-norm hidden state of the last position."""
+    def forward(self, x, at: int | torch.Tensor, cos, sin, mask) -> torch.Tensor:
+        """x: (batch, n, hidden) float32 at cache positions at..at+n; returns the final-norm
+        hidden state of the last position. `at` an int: the prompt, attending over cache
+        positions :at+n. `at` a 1-element tensor (n = 1): the static-shape token step,
+        attending over the whole cache (`mask` hides what is not written yet), so its shapes
+        and addresses are the same at every position (a CUDA graph replays it)."""
         b, n, _ = x.shape
-        end = start + n
         h, d, kvh = self.heads, self.head_dim, self.kv_heads
         for i, layer in enumerate(self.layers):
-            qkv = _linear(_rms(x, layer.norm_in, self.eps), layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(_rms(x, layer.norm_in, self.eps), self.population)
             q, k, v = qkv.view(b, n, h + 2 * kvh, d).transpose(1, 2).split([h, kvh, kvh], 1)
-            self.keys[i, :, :, start:end] = _rotate(k, cos, sin)
-            self.values[i, :, :, start:end] = v
-            out = self.attend(_rotate(q, cos, sin), i, end, layer.scaling, mask)
+            k, v = _rotate(k, cos, sin).to(self.cache_dtype), v.to(self.cache_dtype)
+            if isinstance(at, int):
+                self.keys[i, :, :, at : at + n] = k
+                self.values[i, :, :, at : at + n] = v
+                keys, values = self.keys[i, :, :, : at + n], self.values[i, :, :, : at + n]
+            else:
+                keys, values = (
+                    self.keys[i].index_copy_(2, at, k),
+                    self.values[i].index_copy_(2, at, v),
+                )
+            out = self.attend(_rotate(q, cos, sin), keys, values, layer.scaling, mask)
             out = out.transpose(1, 2).reshape(b, n, h * d)
-            x = x + _linear(out, layer.o, layer.o_bias)
-            gate, up = _linear(_rms(x, layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
-            x = x + _linear(F.silu(gate) * up, layer.down)
+            x = x + layer.o(out, self.population)
+            gate_up = layer.gate_up(_rms(x, layer.norm_post, self.eps), self.population)
+            gate, up = gate_up.chunk(2, -1)
+            x = x + layer.down(F.silu(gate) * up, self.population)
         return _rms(x[:, -1], self.norm, self.eps)
 
-    def attend(self, q: torch.Tensor, i: int, end: int, scaling: float, mask) -> torch.Tensor:
-        """Attention of q (batch, heads, n, head_dim; float32) over cache positions :end of
-        layer i. Grouped-query heads: the g query heads of one key/value head are stacked as
-        g x n rows of one product with that head's keys (HF's repeat_interleave order), so
-        the cache is read in place. Products in the cache's dtype, softmax in float32."""
+    def attend(self, q: torch.Tensor, keys, values, scaling: float, mask) -> torch.Tensor:
+        """Attention of q (batch, heads, n, head_dim; float32) over keys/values (batch,
+        kv_heads, positions, head_dim). Grouped-query heads: the g query heads of one
+        key/value head are stacked as g x n rows of one product with that head's keys (HF's
+        repeat_interleave order), so the cache is read in place. Products in the cache's
+        dtype, softmax in float32."""
         b, h, n, d = q.shape
-        kvh, g = self.kv_heads, h // self.kv_heads
-        keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
+        kvh, g, end = self.kv_heads, h // self.kv_heads, keys.shape[2]
         rows = q.to(self.cache_dtype).reshape(b, kvh, g * n, d)
         scores = torch.matmul(rows, keys.transpose(-1, -2)).float().view(b, h, n, end)
         weights = torch.softmax(scores * scaling + mask, dim=-1)
         out = torch.matmul(weights.to(self.cache_dtype).view(b, kvh, g * n, end), values)
         return out.float().view(b, h, n, d)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows of the embedding (plus the members' low-rank rows)."""
+        rows = self.embed[ids]
+        if self.population is not None:
+            delta = self.population.embedding_delta(self.embed_name, ids)
+            rows = rows if delta is None else rows + delta
+        return rows.float()
+
     def next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(hidden, self.lm_head).argmax(-1)
+        return self.lm_head(hidden, self.population).argmax(-1)
+
+
+class _TokenStep:
+    """One new token per call, every shape and address fixed: the state (tokens so far,
+    step index, which rows ended and when) lives in tensors the step updates in place, so
+    the same call can be captured once in a CUDA graph and replayed for every position."""
+
+    def __init__(self, dec: _Decoder, first, cos, sin, key_mask, end_ids, pad_id, steps) -> None:
+        batch, device = first.shape[0], first.device
+        self.dec, self.cos, self.sin, self.end_ids = dec, cos, sin, end_ids
+        self.pad_id, self.prompt_len = pad_id, cos.shape[2] - steps
+        self.key_mask = key_mask  # (batch, 1, 1, total): -inf at the prompt's pads
+        self.key_positions = torch.arange(cos.shape[2], device=device)
+        self.new = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+        self.new[:, 0] = first
+        self.ended = torch.isin(first, end_ids)
+        never = torch.full((batch,), steps, dtype=torch.long, device=device)
+        self.ended_at = never.masked_fill(self.ended, 0)  # the step of each row's end token
+        self.t = torch.ones(1, dtype=torch.long, device=device)  # the step this call writes
+
+    def __call__(self) -> None:
+        pos = self.t + (self.prompt_len - 1)  # the cache position of the previous token
+        x = self.dec.embed_tokens(self.new.index_select(1, self.t - 1))
+        mask = self.key_mask.masked_fill(self.key_positions > pos, float("-inf"))
+        cos, sin = self.cos.index_select(2, pos), self.sin.index_select(2, pos)
+        token = self.dec.next_tokens(self.dec.forward(x, pos, cos, sin, mask))
+        token.masked_fill_(self.ended, self.pad_id)
+        self.new.index_copy_(1, self.t, token[:, None])
+        now = torch.isin(token, self.end_ids) & ~self.ended
+        self.ended_at.masked_fill_(now, 0).add_(now.long() * self.t)
+        self.ended |= now
+        self.t += 1
+
+    def tokens(self) -> torch.Tensor:
+        """The new tokens as generate returns them: up to the step where the last row
+        ended (every row's tokens after its end are pad)."""
+        steps = self.new.shape[1]
+        last = int(self.ended_at.max()) if bool(self.ended.all()) else steps - 1
+        return self.new[:, : last + 1]
+
+
+def _graph_of(step: _TokenStep):
+    """`step` captured in a CUDA graph after one eager call on a side stream (the warm-up
+    CUDA graphs need; it is the real next step: capturing runs nothing). None if capture
+    fails: the eager step runs the same kernels on the same shapes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as err:  # e.g. a kernel that syncs with the host
+        _warn_once(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly")
+        return None
+    return graph
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"es-mpi: warning: {message}", flush=True)
 
 
 @torch.no_grad()
@@ -206,13 +322,23 @@ def greedy_decode(
     max_new_tokens: int,
     end_ids: torch.Tensor | int,
     pad_token_id: int,
+    cuda_graph: bool = True,
+    check_every: int | None = None,
+    population=None,
 ) -> torch.Tensor:
     """Greedy completions of left-padded prompts, laid out as `generate` returns them; a row
-    ends at the first of `end_ids` (one id or a 1-D tensor of ids)."""
+    ends at the first of `end_ids` (one id or a 1-D tensor of ids). On CUDA the token step is
+    replayed from a CUDA graph (`cuda_graph`), and whether every row has ended is asked every
+    `check_every` steps (default: 8 on CUDA, where asking waits for the GPU; 1 elsewhere);
+    steps past the end are trimmed, so the result does not depend on either. `population`:
+    es.mode lowrank's hooks with their active members (rows member-major), whose low-rank
+    deltas every product and the embedding lookup add."""
     batch, prompt_len = input_ids.shape
     device = input_ids.device
+    if max_new_tokens == 0:
+        return input_ids
     end_ids = torch.as_tensor(end_ids, device=device).reshape(-1)
-    dec = _Decoder(model, batch, prompt_len + max_new_tokens)
+    dec = _Decoder(model, batch, prompt_len + max_new_tokens, population)
     valid = attention_mask.bool()
     positions = attention_mask.long().cumsum(-1) - 1
     positions.masked_fill_(~valid, 1)
@@ -227,24 +353,21 @@ def greedy_decode(
     key_mask = torch.zeros(batch, 1, 1, prompt_len + max_new_tokens, device=device)
     key_mask[:, 0, 0, :prompt_len].masked_fill_(~valid, float("-inf"))
 
-    x = dec.embed[input_ids].float()
+    x = dec.embed_tokens(input_ids)
     hidden = dec.forward(
         x, 0, cos[..., :prompt_len, :], sin[..., :prompt_len, :], prompt_mask[:, None]
     )
-    new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    ended = torch.zeros(batch, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        token = dec.next_tokens(hidden).masked_fill_(ended, pad_token_id)
-        new[:, t] = token
-        ended |= torch.isin(token, end_ids)
-        if t == max_new_tokens - 1 or bool(ended.all()):
-            return torch.cat([input_ids, new[:, : t + 1]], dim=1)
-        pos = prompt_len + t
-        hidden = dec.forward(
-            dec.embed[token][:, None].float(),
-            pos,
-            cos[..., pos : pos + 1, :],
-            sin[..., pos : pos + 1, :],
-            key_mask[..., : pos + 1],
-        )
-    return input_ids  # max_new_tokens == 0
+    first = dec.next_tokens(hidden)
+    step = _TokenStep(dec, first, cos, sin, key_mask, end_ids, pad_token_id, max_new_tokens)
+    on_cuda = device.type == "cuda"
+    check_every = check_every or (8 if on_cuda else 1)
+    run, done = step, 1
+    if on_cuda and cuda_graph and max_new_tokens > 2 and not bool(step.ended.all()):
+        graph = _graph_of(step)  # takes the second token's step eagerly
+        run, done = (step if graph is None else graph.replay), 2
+    while done < max_new_tokens:
+        if (done - 1) % check_every == 0 and bool(step.ended.all()):
+            break
+        run()
+        done += 1
+    return torch.cat([input_ids, step.tokens()], dim=1)

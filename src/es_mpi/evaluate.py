@@ -33,13 +33,14 @@ class PromptBatch:
         )
 
 
-def resolve_decoder(requested: str, model, lowrank: bool = False, int8: bool = False) -> str:
+def resolve_decoder(requested: str, model, vector_hooks: bool = False, int8: bool = False) -> str:
     """runtime.decoder auto -> fast where es_mpi.decode supports the model and reads plain
-    float weights (no low-rank hooks, no int8 copy), else hf. A property of the model and
-    the config only, so every rank and every resume decides alike."""
+    float weights (no int8 copy, no per-member 1-D tensors: es.lowrank_vectors full), else
+    hf. A property of the model and the config only, so every rank and every resume decides
+    alike."""
     if requested != "auto":
         return requested
-    return "hf" if lowrank or int8 or fast_decode_problem(model) else "fast"
+    return "hf" if vector_hooks or int8 or fast_decode_problem(model) else "fast"
 
 
 class Evaluator:
@@ -53,8 +54,10 @@ class Evaluator:
         max_new_tokens: int,
         decoder: str = "hf",
         prompter: Prompter | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
-        """decoder: hf (`generate`) or fast (es_mpi.decode); prompter: raw prompts if None."""
+        """decoder: hf (`generate`) or fast (es_mpi.decode, its token step replayed from a
+        CUDA graph on a GPU when `cuda_graphs`); prompter: raw prompts if None."""
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
@@ -63,6 +66,10 @@ class Evaluator:
         if decoder == "fast" and (problem := fast_decode_problem(model)):
             raise ConfigError(f"config field 'runtime.decoder': {problem}; use hf or auto")
         self.fast = decoder == "fast"
+        self.cuda_graphs = cuda_graphs
+        # es.mode lowrank: the members' hooks (the trainer sets them); the fast decoder adds
+        # their deltas itself, since it reads the weights without calling the modules
+        self.population = None
         self.generated_tokens = 0  # running count (metrics: tokens per second)
         # Every end id of the model's generation_config.json and the tokenizer: instruct models
         # list several (Qwen2.5: <|im_end|>, <|endoftext|>), and a completion that runs past
@@ -80,11 +87,20 @@ class Evaluator:
     @classmethod
     def for_config(cls, model, tokenizer, task: Task, cfg: Config, model_path: str = ""):
         """The evaluator a run's config asks for: its prompt format, length and decoder."""
+        vector_hooks = cfg.es.mode == "lowrank" and cfg.es.lowrank_vectors == "full"
         decoder = resolve_decoder(
-            cfg.runtime.decoder, model, cfg.es.mode == "lowrank", cfg.model.eval_dtype == "int8"
+            cfg.runtime.decoder, model, vector_hooks, cfg.model.eval_dtype == "int8"
         )
         prompter = Prompter(tokenizer, cfg.task.chat, model_path or cfg.model.path)
-        return cls(model, tokenizer, task, cfg.task.max_new_tokens, decoder, prompter)
+        return cls(
+            model,
+            tokenizer,
+            task,
+            cfg.task.max_new_tokens,
+            decoder,
+            prompter,
+            cfg.runtime.cuda_graphs,
+        )
 
     def encode(self, examples: list[Example]) -> PromptBatch:
         enc = self.tokenizer(
@@ -108,6 +124,8 @@ class Evaluator:
                 self.generation.max_new_tokens,
                 self._end_ids,
                 self.generation.pad_token_id,
+                self.cuda_graphs,
+                population=self.population,
             )
         else:
             out = self.model.generate(

@@ -207,22 +207,43 @@ class PopulationHooks:
             )
         return x.reshape(self.members, -1, x.shape[-1])
 
+    def linear_delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """What the active members add to a Linear's output for input x (rows member-major,
+        last dim the input width): c_i (x A_i) B_i^T in x's dtype, shaped as the output.
+        None when no member perturbs this weight. The hooks and the fast decoder use it."""
+        if not self.members or name not in self._a:
+            return None
+        rows = self._rows(x)
+        if self.noise.rank == 1:
+            # rank 1: batched matrix-vector products are slow on CPU; the same sums as
+            # elementwise products, ~4x faster here: (x . a_i) (c_i b_i)^T
+            delta = (rows * self._at[name]).sum(dim=-1, keepdim=True) * self._bt[name]
+        else:
+            delta = torch.bmm(torch.bmm(rows, self._a[name]), self._bt[name])
+        return delta.view(*x.shape[:-1], delta.shape[-1])
+
+    def embedding_delta(self, name: str, ids: torch.Tensor) -> torch.Tensor | None:
+        """The rows c_i (B_i A_i^T)[t] the active members add to a plain lookup of `ids`
+        (rows member-major), shaped (*ids.shape, width). None when not perturbed."""
+        if not self.members or name not in self._a:
+            return None
+        member_ids = ids.reshape(self.members, -1)  # [M, P*L]
+        member = torch.arange(self.members, device=ids.device).unsqueeze(1)
+        b_rows = self._b[name][member, member_ids]  # [M, P*L, r]
+        delta = torch.bmm(b_rows, self._a[name].transpose(1, 2))  # [M, P*L, n]
+        return delta.reshape(*ids.shape, delta.shape[-1])
+
     def _linear_hook(self, name: str, module: nn.Linear, args, output: torch.Tensor):
         bias = self._bias_of.get(id(module))
-        if not self.members or (name not in self._a and bias not in self._vec):
+        delta = self.linear_delta(name, args[0])
+        if delta is None and bias not in self._vec:
             return None
-        x = self._rows(args[0])
-        output = output.contiguous()  # (already is: then this is the same tensor)
-        out = output.view(self.members, -1, output.shape[-1])
-        if name in self._a and self.noise.rank == 1:
-            # rank 1: batched matrix-vector products are slow on CPU; the same sums as
-            # elementwise products, ~4x faster here: out += (x . a_i) (c_i b_i)^T
-            xa = (x * self._at[name]).sum(dim=-1, keepdim=True)  # [M, rows, 1]
-            out.addcmul_(xa, self._bt[name])
-        elif name in self._a:  # out += (x A_i) (c_i B_i)^T, the add fused into the product
-            out.baddbmm_(torch.bmm(x, self._a[name]), self._bt[name])
+        if delta is not None:
+            output = output + delta
         if bias in self._vec:
-            out.add_(self._vec[bias].to(output.dtype).unsqueeze(1))
+            self._rows(args[0])
+            rows = output.reshape(self.members, -1, output.shape[-1])
+            output = (rows + self._vec[bias].to(output.dtype).unsqueeze(1)).view(output.shape)
         return output
 
     def _lookup_factor(self, module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
@@ -251,13 +272,8 @@ class PopulationHooks:
             )
 
     def _embedding_hook(self, name: str, module: nn.Embedding, args, output: torch.Tensor):
-        if not self.members or name not in self._a or self._in_probe:
+        if self._in_probe or (delta := self.embedding_delta(name, args[0])) is None:
             return None
-        ids = args[0].reshape(self.members, -1)  # [M, P*L]
-        member = torch.arange(self.members, device=ids.device).unsqueeze(1)
-        b_rows = self._b[name][member, ids]  # [M, P*L, r]
-        delta = torch.bmm(b_rows, self._a[name].transpose(1, 2))  # [M, P*L, n]
-        delta = delta.reshape(output.shape)
         if type(module) is not nn.Embedding:  # a plain lookup has factor 1: skip the product
             delta = delta * self._lookup_factor(module, args[0])
         return output + delta

@@ -14,6 +14,7 @@ order whatever the lane count, so the bits do not depend on it.
 from __future__ import annotations
 
 import itertools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,17 +357,28 @@ class MasterWeights:
 
 
 def per_tensor_std(master: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each tensor's weight std (sample std, float64 sums over chunks of 2^18 elements, so
-    no float64 copy of a whole tensor): sigma and alpha scales for es.sigma_scale."""
+    """Each tensor's weight std (sample std): sigma and alpha scales for es.sigma_scale.
+
+    The same bits on every device and kernel set (every rank of a mixed job derives its own):
+    the values are rounded to integer multiples of 2^q, q = the peak's exponent - 20 (at most
+    2^20 steps; smaller values lose bits far below the std), summed as int64 in chunks of
+    2^18 (exact, so the order does not matter), and the std is computed from the exact sums
+    with Python integers and one correctly rounded square root."""
     out = {}
     for name, t in master.items():
-        chunks = t.detach().reshape(-1).split(1 << 18)
-        if t.numel() == 1:
-            out[name] = abs(float(t))
+        flat = t.detach().reshape(-1).float()
+        if flat.numel() == 1:
+            out[name] = abs(float(flat))
             continue
-        mean = sum(float(c.double().sum()) for c in chunks) / t.numel()
-        square = sum(float(((c.double() - mean) ** 2).sum()) for c in chunks)
-        out[name] = (square / (t.numel() - 1)) ** 0.5
+        q = math.frexp(float(flat.abs().max()))[1] - 20
+        total, squares = 0, 0
+        for chunk in flat.split(1 << 18):
+            steps = torch.round(chunk * 2.0**-q).to(torch.int64)
+            total += int(steps.sum())
+            squares += int((steps * steps).sum())
+        n = flat.numel()
+        variance = (n * squares - total * total) / (n * (n - 1))
+        out[name] = math.ldexp(math.sqrt(variance), q)
     return out
 
 

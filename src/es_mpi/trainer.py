@@ -50,6 +50,7 @@ class Trainer:
         # es.mode lowrank: members are evaluated through hooks, never materialised
         lowrank = self.weights.lowrank
         self.hooks = None if lowrank is None else PopulationHooks(engine.model, lowrank)
+        self.evaluator.population = self.hooks
 
     def prompt_batch(self, iteration: int) -> PromptBatch:
         """The same prompts for every member and rank, drawn from (run seed, iteration)."""
