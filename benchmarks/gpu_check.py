@@ -4,12 +4,12 @@ check and a JSON file.
 1. rank-count invariance on the device: full mode at 1 and 2 ranks, low-rank at 1 and 3
    (equal final fingerprints, and the weights moved);
 2. replay of the 2-rank run on the device, and on the CPU (counter noise: the same bits);
-3. one iteration of a random model of Qwen2.5-0.5B's dimensions (bf16 copy) in full and
-   low-rank mode, against the fastest pure batched greedy generation of the same rows
-   (full: N times the P prompts, low-rank: one batch of N x P rows; hf generate with its
-   dynamic and its static cache, the fast decoder with eager steps and with CUDA graphs),
-   with peak device memory / model bytes; the fast decoder's tokens from CUDA graph
-   replays against its eager steps.
+3. one iteration of a random model of Qwen2.5-0.5B's dimensions (bf16 copy, N = 8, P = 64
+   prompts, 512 new tokens) in full and low-rank mode, against the fastest pure batched
+   greedy generation of the same rows (full: N x one generation of the P prompts,
+   low-rank: one batch of N x P rows; hf generate with its dynamic and its static cache,
+   the fast decoder with eager steps and with CUDA graphs), with peak device memory /
+   model bytes; the fast decoder's tokens from CUDA graph replays against its eager steps.
 
 `--device cpu --size small` is the dry run (a tiny model, the same code paths).
 """
@@ -166,8 +166,9 @@ GENERATORS = {  # name: (runtime.decoder, CUDA graphs, transformers cache implem
 
 
 def generation_times(evaluator, rows, repeats: int, device) -> dict:
-    """Pure greedy generation of `rows`, `repeats` times, with each decoder (a warm-up call
-    first): seconds, and how many rows give the tokens of the first one."""
+    """Pure greedy generation of `rows` with each decoder: a warm-up call (CUDA graph capture,
+    allocator), then one timed call; seconds = `repeats` x that call (N members' worth in
+    full mode), and how many rows give the tokens of the first decoder."""
     from es_mpi.engine import synchronize
     from es_mpi.evaluate import Evaluator
 
@@ -192,10 +193,9 @@ def generation_times(evaluator, rows, repeats: int, device) -> dict:
             continue
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(repeats):
-            gen.generate(rows)
+        gen.generate(rows)
         synchronize(device)
-        seconds = time.perf_counter() - t0
+        seconds = repeats * (time.perf_counter() - t0)
         first = out if first is None else first
         outs[name] = out
         width = min(out.shape[1], first.shape[1])
@@ -204,9 +204,13 @@ def generation_times(evaluator, rows, repeats: int, device) -> dict:
         print(f"[gpu-check]   {name}: {seconds:.3f} s, rows as the first: {same}/{out.shape[0]}")
     graph, eager = outs.get("fast, CUDA graph"), outs.get("fast, eager steps")
     if graph is not None and eager is not None:
+        from es_mpi.decode import GRAPH_CAPTURES
+
         equal = graph.shape == eager.shape and torch.equal(graph, eager)
-        results["graph vs eager"] = {"tokens_equal": equal}
-        line("fast decoder: CUDA graph replay gives the eager steps' tokens", equal, graph.shape)
+        ok = equal and GRAPH_CAPTURES["failed"] == 0
+        results["graph vs eager"] = {"tokens_equal": equal, **GRAPH_CAPTURES}
+        detail = f"tokens equal: {equal}, decode calls {GRAPH_CAPTURES}"
+        line("fast decoder: CUDA graph replays give the eager steps' tokens", ok, detail)
     return results
 
 
@@ -221,9 +225,12 @@ def main() -> None:
     p.add_argument("--mpiexec", default="mpiexec")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "gpu-check")
     p.add_argument("--population", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, help="P (default: 64 at 0.5b, 16 small)")
+    p.add_argument("--tokens", type=int, help="new tokens (default: 512 at 0.5b, 64 small)")
     args = p.parse_args()
+    big = args.size == "0.5b"  # generation long enough to dominate, as in real runs
+    args.prompts = args.prompts or (64 if big else 16)
+    args.tokens = args.tokens or (512 if big else 64)
     args.out.mkdir(parents=True, exist_ok=True)
     from scale_models import build_random_model
 

@@ -3,7 +3,9 @@
 1. Population throughput: M members x P prompts x T generated tokens per second with the
    low-rank hooks active, divided by plain batched greedy inference of the unperturbed model
    on the same M*P rows and T tokens (same process, same batch, every row forced to T
-   tokens so both sides decode exactly the same number of tokens). r = 1, 4, 16.
+   tokens so both sides decode exactly the same number of tokens). r = 1, 4, 16; with
+   transformers' generate, and (Llama / Qwen2 models) with the fast decoder adding the
+   members' deltas itself.
 2. Low-rank vs full-parameter ES: iterations per second of Trainer.step at the same N and
    prompt batch (low rank with all N members in one batch), one rank.
 3. Evaluation dtypes (full-parameter mode): iteration time of bfloat16 / int8 evaluation
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from es_mpi.comm import Comm  # noqa: E402
 from es_mpi.config_load import load_config  # noqa: E402
+from es_mpi.decode import fast_decode_problem, greedy_decode  # noqa: E402
 from es_mpi.engine import Engine  # noqa: E402
 from es_mpi.evaluate import Evaluator, heldout_score  # noqa: E402
 from es_mpi.lowrank import PopulationHooks  # noqa: E402
@@ -49,14 +52,28 @@ def engine_for(config: Path, overrides: list[str]) -> tuple[Engine, object]:
     return engine, make_task(cfg.task)
 
 
-def timed_generate(model, batch, generation: GenerationConfig) -> float:
+def timed_generate(model, batch, generation: GenerationConfig, hooks=None) -> float:
+    """Seconds of one greedy generation of `batch`: transformers' generate (hooks=None: the
+    model's own hooks, if any, are active) or, given the hooks, the fast decoder adding
+    their deltas; every row decodes max_new_tokens tokens."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            generation_config=generation,
-        )
+        if hooks is None:
+            model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=generation,
+            )
+        else:  # an end id no token has: every row runs to the end
+            greedy_decode(
+                model,
+                batch.input_ids,
+                batch.attention_mask,
+                generation.max_new_tokens,
+                -1,
+                generation.pad_token_id,
+                population=hooks,
+            )
     return time.perf_counter() - t0
 
 
@@ -79,29 +96,36 @@ def throughput(config: Path, members: int, repeats: int, ranks: list[int]) -> No
         f"1. population throughput: {members} members x {prompts} prompts x {tokens} tokens "
         f"= {members * prompts * tokens:,} tokens per pass, 1 thread"
     )
+    fast = fast_decode_problem(engine.model) is None
     for rank in ranks:
         engine.weights.use_lowrank(rank, perturb_vectors=False)
         hooks = PopulationHooks(engine.model, engine.weights.lowrank)
-        ratios, plain_rates = [], []
+        ratios: dict[str, list[float]] = {"generate": [], "fast decoder": []}
+        plain_rates: dict[str, list[float]] = {"generate": [], "fast decoder": []}
         for _ in range(repeats):
-            t_plain = timed_generate(engine.model, batch, forced)
-            hooks.activate(
-                population.seeds.tolist(),
-                population.signs.tolist(),
-                cfg.es.sigma,
-                engine.weights.scales,
-                torch.float32,
-            )
-            t_lowrank = timed_generate(engine.model, batch, forced)
-            hooks.deactivate()
-            ratios.append(t_plain / t_lowrank)
-            plain_rates.append(members * prompts * tokens / t_plain)
+            for decoder in ratios if fast else ["generate"]:
+                with_hooks = hooks if decoder == "fast decoder" else None
+                t_plain = timed_generate(engine.model, batch, forced, with_hooks)
+                hooks.activate(
+                    population.seeds.tolist(),
+                    population.signs.tolist(),
+                    cfg.es.sigma,
+                    engine.weights.scales,
+                    torch.float32,
+                )
+                t_lowrank = timed_generate(engine.model, batch, forced, with_hooks)
+                hooks.deactivate()
+                ratios[decoder].append(t_plain / t_lowrank)
+                plain_rates[decoder].append(members * prompts * tokens / t_plain)
         hooks.remove()
-        print(
-            f"   r={rank:<2} low-rank / plain tokens per second: {fmt(ratios)} "
-            f"(plain {statistics.median(plain_rates):,.0f} tokens/s)",
-            flush=True,
-        )
+        for decoder, values in ratios.items():
+            if values:
+                print(
+                    f"   r={rank:<2} {decoder}: low-rank / plain tokens per second: "
+                    f"{fmt(values)} (plain {statistics.median(plain_rates[decoder]):,.0f} "
+                    "tokens/s)",
+                    flush=True,
+                )
 
 
 def step_seconds(trainer: Trainer, iteration: int) -> float:

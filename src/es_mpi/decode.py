@@ -260,7 +260,7 @@ class _TokenStep:
         self.key_positions = torch.arange(cos.shape[2], device=device)
         self.new = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
         self.new[:, 0] = first
-        self.ended = torch.isin(first, end_ids)
+        self.ended = self.is_end(first)
         never = torch.full((batch,), steps, dtype=torch.long, device=device)
         self.ended_at = never.masked_fill(self.ended, 0)  # the step of each row's end token
         self.t = torch.ones(1, dtype=torch.long, device=device)  # the step this call writes
@@ -273,10 +273,15 @@ class _TokenStep:
         token = self.dec.next_tokens(self.dec.forward(x, pos, cos, sin, mask))
         token.masked_fill_(self.ended, self.pad_id)
         self.new.index_copy_(1, self.t, token[:, None])
-        now = torch.isin(token, self.end_ids) & ~self.ended
+        now = self.is_end(token) & ~self.ended
         self.ended_at.masked_fill_(now, 0).add_(now.long() * self.t)
         self.ended |= now
         self.t += 1
+
+    def is_end(self, token: torch.Tensor) -> torch.Tensor:
+        """Rows whose token is one of the end ids (a broadcast compare: no kernel that could
+        wait for the host inside a captured graph)."""
+        return (token[:, None] == self.end_ids).any(dim=1)
 
     def tokens(self) -> torch.Tensor:
         """The new tokens as generate returns them: up to the step where the last row
@@ -300,11 +305,16 @@ def _graph_of(step: _TokenStep):
         with torch.cuda.graph(graph):
             step()
     except RuntimeError as err:  # e.g. a kernel that syncs with the host
+        GRAPH_CAPTURES["failed"] += 1
         _warn_once(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly")
         return None
+    GRAPH_CAPTURES["captured"] += 1
     return graph
 
 
+# How many decode calls were replayed from a CUDA graph and how many fell back to eager
+# steps, in this process (read by benchmarks/gpu_check.py).
+GRAPH_CAPTURES = {"captured": 0, "failed": 0}
 _warned: set[str] = set()
 
 
