@@ -71,10 +71,9 @@ def test_fast_decoder_in_bfloat16_agrees_with_float32_as_well_as_generate():
     assert fast >= unchanged("hf") - 2
 
 
-def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
-    """A random Llama with 2 key/value heads for 4 query heads and q/k/v/o biases: the
-    decoder's last-position logits equal the model's own forward pass."""
-    torch.manual_seed(0)
+def _random_gqa_llama(seed: int, attention_bias: bool) -> LlamaForCausalLM:
+    """A random Llama with 2 key/value heads for 4 query heads (grouped-query attention)."""
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=50,
         hidden_size=32,
@@ -82,10 +81,16 @@ def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        attention_bias=True,
+        attention_bias=attention_bias,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
+    """A random Llama with 2 key/value heads for 4 query heads and q/k/v/o biases: the
+    decoder's last-position logits equal the model's own forward pass."""
+    model = _random_gqa_llama(seed=0, attention_bias=True)
     ids = torch.randint(3, 50, (3, 7))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -104,19 +109,9 @@ def test_prompt_logits_match_generate_with_grouped_kv_heads_and_biases():
 
 def test_static_token_steps_match_the_models_forward_pass():
     """The token step (whole-cache shapes, positions and cache writes addressed by a tensor,
-    as a CUDA graph replays it): after 3 steps of a left-padded GQA batch, the last logits
-    equal the model's forward pass over prompt + the greedy tokens."""
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    as a CUDA graph replays it), 3 steps after the prompt on a left-padded GQA batch: each
+    new token is the argmax of the model's own logits over prompt + the tokens before it."""
+    model = _random_gqa_llama(seed=1, attention_bias=False)
     ids = torch.randint(3, 50, (3, 6))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
@@ -156,6 +151,37 @@ def test_asking_whether_rows_ended_less_often_gives_the_same_completions():
     ended = torch.isin(new, evaluator._end_ids)
     assert new.shape[1] < 40  # every row ended before the limit: the trim decided the width
     assert len(set(ended.float().argmax(1).tolist())) > 1  # rows end at different steps
+
+
+def test_graph_replays_continue_where_the_captured_step_left_off():
+    """The control flow around a CUDA graph, with a stand-in capture (no GPU here: it runs the
+    step once, as capturing does after its eager warm-up, and replays run the step): the
+    same tokens as plain steps, one call per token; a failed capture (None) goes on with
+    eager steps."""
+    from es_mpi.decode import _prompt, _run_steps
+
+    model = _random_gqa_llama(seed=2, attention_bias=False)
+    ids = torch.randint(3, 50, (4, 5))
+    mask = torch.ones_like(ids)
+    plain = greedy_decode(model, ids, mask, 6, end_ids=999, pad_token_id=0)[:, 5:]
+
+    class Graph:
+        def __init__(self, step) -> None:
+            self.step, self.replays = step, 0
+            step()
+
+        def replay(self) -> None:
+            self.replays += 1
+            self.step()
+
+    graphs = []
+    step = _prompt(model, ids, mask, 6, 999, 0, None)
+    _run_steps(step, 6, 8, lambda s: graphs.append(Graph(s)) or graphs[-1])
+    assert torch.equal(step.tokens(), plain)
+    assert graphs[0].replays == 4  # tokens 3..6; token 2 came from the warm-up step
+    failed = _prompt(model, ids, mask, 6, 999, 0, None)
+    _run_steps(failed, 6, 1, lambda s: s() and None)
+    assert torch.equal(failed.tokens(), plain)
 
 
 def test_unsupported_models_and_settings_are_refused():

@@ -343,10 +343,21 @@ def greedy_decode(
     steps past the end are trimmed, so the result does not depend on either. `population`:
     es.mode lowrank's hooks with their active members (rows member-major), whose low-rank
     deltas every product and the embedding lookup add."""
-    batch, prompt_len = input_ids.shape
-    device = input_ids.device
     if max_new_tokens == 0:
         return input_ids
+    step = _prompt(
+        model, input_ids, attention_mask, max_new_tokens, end_ids, pad_token_id, population
+    )
+    on_cuda = input_ids.device.type == "cuda"
+    capture = _graph_of if on_cuda and cuda_graph else None
+    _run_steps(step, max_new_tokens, check_every or (8 if on_cuda else 1), capture)
+    return torch.cat([input_ids, step.tokens()], dim=1)
+
+
+def _prompt(model, input_ids, attention_mask, max_new_tokens, end_ids, pad_token_id, population):
+    """The prompt's forward pass and first token: the token step, ready for the second."""
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
     end_ids = torch.as_tensor(end_ids, device=device).reshape(-1)
     dec = _Decoder(model, batch, prompt_len + max_new_tokens, population)
     valid = attention_mask.bool()
@@ -368,16 +379,19 @@ def greedy_decode(
         x, 0, cos[..., :prompt_len, :], sin[..., :prompt_len, :], prompt_mask[:, None]
     )
     first = dec.next_tokens(hidden)
-    step = _TokenStep(dec, first, cos, sin, key_mask, end_ids, pad_token_id, max_new_tokens)
-    on_cuda = device.type == "cuda"
-    check_every = check_every or (8 if on_cuda else 1)
-    run, done = step, 1
-    if on_cuda and cuda_graph and max_new_tokens > 2 and not bool(step.ended.all()):
-        graph = _graph_of(step)  # takes the second token's step eagerly
+    return _TokenStep(dec, first, cos, sin, key_mask, end_ids, pad_token_id, max_new_tokens)
+
+
+def _run_steps(step: _TokenStep, max_new_tokens: int, check_every: int, capture) -> None:
+    """Steps until every row has ended (asked every `check_every` steps) or the limit; with
+    `capture` (_graph_of), the second token's step runs eagerly while the graph is captured
+    and the rest are replays."""
+    run, done = step, 1  # done: tokens written so far (the first came from the prompt)
+    if capture is not None and max_new_tokens > 2 and not bool(step.ended.all()):
+        graph = capture(step)
         run, done = (step if graph is None else graph.replay), 2
     while done < max_new_tokens:
         if (done - 1) % check_every == 0 and bool(step.ended.all()):
             break
         run()
         done += 1
-    return torch.cat([input_ids, step.tokens()], dim=1)
