@@ -114,7 +114,7 @@ def _fused(weights: list[torch.Tensor]) -> torch.Tensor:
 class _Product:
     """One matrix product of a layer: the row blocks of one or more modules' weights (fused),
     an optional bias, and each block's parameter name, where es.mode lowrank adds the
-    active members' deltas (lowrank.PopulationHooks.linear_delta). float32 in and out; the
+    active members' deltas (lowrank.PopulationHooks.add_linear_delta). float32 in and out; the
     product in the weight's dtype."""
 
     def __init__(self, modules: list[nn.Linear], names: dict[int, str]) -> None:
@@ -131,8 +131,7 @@ class _Product:
         if population is not None:
             start = 0
             for name, width in self.parts:
-                if (delta := population.linear_delta(name, x)) is not None:
-                    y[..., start : start + width] += delta.float()
+                population.add_linear_delta(name, x, y[..., start : start + width])
                 start += width
         return y
 
