@@ -133,6 +133,8 @@ def test_per_tensor_std_is_exact_whatever_the_summation_order():
     got = per_tensor_std({"w": t})["w"]
     assert got == per_tensor_std({"w": permuted})["w"]
     assert got == pytest.approx(float(t.double().std()), rel=1e-5)
+    tiny = torch.randn(1000, generator=generator) * 1e-36  # 2^-q beyond float32's range
+    assert per_tensor_std({"w": tiny})["w"] == pytest.approx(float(tiny.double().std()), rel=1e-5)
     assert per_tensor_std({"one": torch.tensor([-0.5])}) == {"one": 0.5}
     assert per_tensor_std({"zeros": torch.zeros(4)}) == {"zeros": 0.0}
 

@@ -244,6 +244,7 @@ class PopulationHooks:
         output = output.contiguous()  # (already is: then this is the same tensor)
         self.add_linear_delta(name, args[0], output)
         if bias in self._vec:
+            self._rows(args[0])  # (the row count check)
             rows = output.view(self.members, -1, output.shape[-1])
             rows.add_(self._vec[bias].to(output.dtype).unsqueeze(1))
         return output

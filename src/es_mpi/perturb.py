@@ -370,10 +370,11 @@ def per_tensor_std(master: dict[str, torch.Tensor]) -> dict[str, float]:
         if flat.numel() == 1:
             out[name] = abs(float(flat))
             continue
-        q = math.frexp(float(flat.abs().max()))[1] - 20
+        low, high = torch.aminmax(flat)  # (no temporary the size of the tensor)
+        q = math.frexp(max(-float(low), float(high)))[1] - 20
         total, squares = 0, 0
-        for chunk in flat.split(1 << 18):
-            steps = torch.round(chunk * 2.0**-q).to(torch.int64)
+        for chunk in flat.split(1 << 18):  # float64: x * 2^-q exact for any float32 x
+            steps = torch.round(chunk.double() * 2.0**-q).to(torch.int64)
             total += int(steps.sum())
             squares += int((steps * steps).sum())
         n = flat.numel()
