@@ -125,13 +125,14 @@ def iteration_against_generation(args, model: Path, out: Path) -> dict:
         trainer.step(1)
         synchronize(device)
         step = time.perf_counter() - t0
+        # the iteration's peak, before the baselines below allocate their own caches
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         engine.weights.load_master()
         batch = trainer.prompt_batch(1)
         rows = batch.repeat(args.population) if mode == "lowrank" else batch
         repeats = 1 if mode == "lowrank" else args.population
         variants = generation_times(trainer.evaluator, rows, repeats, device)
         generate = min(v["seconds"] for v in variants.values() if "seconds" in v)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         model_bytes = 2 * engine.weights.numel
         target = 0.9 if mode == "full" else 0.8
         ratio = generate / step
